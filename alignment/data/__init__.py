@@ -1,0 +1,1 @@
+"""Data sources, mixtures, validation and chat rendering (``conf/data``)."""

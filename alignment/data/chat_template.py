@@ -1,0 +1,107 @@
+"""Render conversations with the tokenizer's chat template and mark the tokens that carry loss.
+
+The loss span of a message is found by rendering, not by searching for header tokens: with ``P_i`` the
+rendering of messages ``[0, i)`` and ``Q_i`` that of ``[0, i]``, message ``i`` occupies ``Q_i[len(P_i):]``; its
+content starts where the (stripped) content text first appears in that slice, and the span ends after the last
+non-whitespace character, which for chat templates is the end-of-turn token (``<|im_end|>``, ``<|eot_id|>``…).
+So the role header is never trained, the end-of-turn token always is, and any template works that renders a
+conversation's prefix as a prefix of the whole (templates that rewrite earlier turns fail with a clear error).
+Token ``t`` carries loss when its character span overlaps a trained span (fast tokenizers' offset mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, str]
+IGNORE_INDEX = -100
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot be used to locate message spans."""
+
+
+@dataclass
+class TokenizedConversation:
+    """Token ids with their labels (``-100`` where no loss) and whether the sequence was cut."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
+    """Render messages to text with the tokenizer's chat template."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    assert isinstance(text, str)
+    return text
+
+
+def prepare_messages(
+    messages: Sequence[Message], *, system_prompt: str | None, model_support_system_role: bool
+) -> list[Message]:
+    r"""Inject ``system_prompt`` when the dialogue has no system turn, then fold the system turn if unsupported.
+
+    Folding puts the system text before the first user turn (``system + "\\n\\n" + user``); a system turn not
+    followed by a user turn becomes a user turn.
+    """
+    out = [dict(m) for m in messages]
+    if system_prompt is not None and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system_prompt})
+    if not model_support_system_role and out[0]["role"] == "system":
+        if len(out) > 1 and out[1]["role"] == "user":
+            out[1]["content"] = out[0]["content"] + "\n\n" + out[1]["content"]
+            out.pop(0)
+        else:
+            out[0]["role"] = "user"
+    return out
+
+
+def message_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], roles: Sequence[str]
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and the character spans ``[start, end)`` that carry loss.
+
+    Raises:
+        ChatTemplateError: the template rewrites earlier turns, or drops a trained message's content.
+    """
+    full = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] not in roles:
+            continue
+        before = render(tokenizer, messages[:i]) if i else ""
+        upto = render(tokenizer, messages[: i + 1])
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ChatTemplateError(
+                f"the chat template renders message {i} ({message['role']}) differently depending on later turns; "
+                "set model.chat_template to a template that keeps earlier turns unchanged"
+            )
+        content = message["content"].strip()
+        start = upto.find(content, len(before)) if content else len(upto.rstrip())
+        if start < 0:
+            raise ChatTemplateError(
+                f"the chat template does not render the content of message {i} ({message['role']}) verbatim"
+            )
+        end = len(upto.rstrip())
+        spans.append((start, end))
+    return full, spans
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], roles: Sequence[str], max_length: int
+) -> TokenizedConversation:
+    """Token ids and labels for one conversation, loss only on ``roles``, cut to ``max_length`` tokens."""
+    text, spans = message_spans(tokenizer, messages, roles)
+    encoded: Any = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = encoded["input_ids"]
+    labels = [
+        token if any(s < span_end and e > span_start for span_start, span_end in spans) else IGNORE_INDEX
+        for token, (s, e) in zip(input_ids, encoded["offset_mapping"], strict=True)
+    ]
+    truncated = len(input_ids) > max_length
+    return TokenizedConversation(input_ids[:max_length], labels[:max_length], truncated)

@@ -1,0 +1,61 @@
+"""Schema of the ``data`` config group: a mixture of sources with the same columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a mixture: a local JSONL file, a ``save_to_disk`` folder, or an HF hub dataset."""
+
+    path: str = MISSING
+    """``*.jsonl`` file, ``save_to_disk`` folder, hub id, or ``embedded:<file>`` for the shipped demo data."""
+    name: str | None = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    """Split to train on (hub and ``save_to_disk`` sources)."""
+    eval_split: str | None = None
+    """Split to evaluate on; None holds out ``data.eval_fraction`` of the train split instead."""
+    eval_path: str | None = None
+    """JSONL file to evaluate on (JSONL sources); None holds out ``data.eval_fraction``."""
+    sample_fraction: float | None = None
+    """Keep this fraction (0, 1] of the source, train and eval alike, seeded. Exclusive with sampling_weight."""
+    sampling_weight: float | None = None
+    """Relative probability of drawing from this source when interleaving (all sources must set one)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Renames applied on load, ``{name_in_source: name_the_method_expects}``."""
+
+    def __post_init__(self) -> None:
+        if self.sample_fraction is not None and not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"data source {self.path}: sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.sampling_weight is not None and self.sampling_weight <= 0:
+            raise ValueError(f"data source {self.path}: sampling_weight must be > 0, got {self.sampling_weight}")
+        if self.sample_fraction is not None and self.sampling_weight is not None:
+            raise ValueError(f"data source {self.path}: set sample_fraction or sampling_weight, not both")
+
+
+@dataclass
+class DataConfig:
+    """A mixture: sources are concatenated (optionally subsampled) or interleaved by ``sampling_weight``."""
+
+    sources: list[SourceConfig] = MISSING
+    """The datasets to mix; they must provide the same columns after ``columns`` renames."""
+    eval_fraction: float = 0.05
+    """Fraction held out for evaluation from sources without an eval split (0 disables it)."""
+    max_eval_samples: int | None = 256
+    """Cap on evaluation rows after mixing (None: no cap)."""
+    num_train_samples: int | None = None
+    """Rows to draw when interleaving by sampling_weight (smaller sources repeat until every source was seen);
+    None stops when the first source is exhausted."""
+    seed: int = 42
+    """Seed for hold-out splits, subsampling and interleaving."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        weighted = [s.sampling_weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("data.sources: set sampling_weight on every source or on none")

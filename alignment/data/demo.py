@@ -1,0 +1,83 @@
+"""The embedded demo task: arithmetic with verifiable answers, generated deterministically.
+
+Every problem ``a op b`` has one correct answer, so the same problems give SFT conversations (the answer in a
+fixed format), and later preference pairs (correct vs wrong answer), GPO groups (completions rewarded by
+correctness) and classification rows (is this equation right?). Train and test problems never overlap.
+
+Regenerate the shipped files with ``python -m alignment.data.demo``; a test checks they match this code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEMO_DIR = Path(__file__).parent / "demo"
+NUM_TRAIN = 2000
+NUM_TEST = 200
+SEED = 1234
+_TEMPLATES = ("What is {q}?", "Compute {q}.", "Calculate {q}.", "{q} = ?")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One arithmetic problem with its exact answer."""
+
+    a: int
+    op: str
+    b: int
+
+    @property
+    def expression(self) -> str:
+        """The problem as written, e.g. ``27 + 82``."""
+        return f"{self.a} {self.op} {self.b}"
+
+    @property
+    def answer(self) -> int:
+        """The exact result."""
+        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+
+
+def problems(seed: int = SEED) -> tuple[list[Problem], list[Problem]]:
+    """Distinct problems split into (train, test): 2-digit sums and differences, 2-digit times 1-digit."""
+    rng = random.Random(seed)
+    pool: set[Problem] = set()
+    while len(pool) < NUM_TRAIN + NUM_TEST:
+        op = rng.choice("+-*")
+        b = rng.randint(2, 9) if op == "*" else rng.randint(10, 99)
+        pool.add(Problem(rng.randint(10, 99), op, b))
+    ordered = sorted(pool, key=lambda p: (p.a, p.op, p.b))
+    rng.shuffle(ordered)
+    return ordered[:NUM_TRAIN], ordered[NUM_TRAIN:]
+
+
+def sft_row(problem: Problem, rng: random.Random) -> dict[str, Any]:
+    """A two-turn conversation whose assistant turn is ``<expression> = <answer>``."""
+    question = rng.choice(_TEMPLATES).format(q=problem.expression)
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"{problem.expression} = {problem.answer}"},
+        ]
+    }
+
+
+def write(folder: Path = DEMO_DIR) -> list[Path]:
+    """Write ``sft_train.jsonl`` and ``sft_test.jsonl``; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SEED)
+    written = []
+    for split, items in zip(("train", "test"), problems(), strict=True):
+        path = folder / f"sft_{split}.jsonl"
+        lines = [json.dumps(sft_row(p, rng)) for p in items]
+        path.write_text("\n".join(lines) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write():
+        print(path)

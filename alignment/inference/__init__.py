@@ -1,0 +1,1 @@
+"""Generation: local batched generation now; OpenAI-compatible batch clients and servers later."""

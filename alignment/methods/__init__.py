@@ -1,0 +1,31 @@
+"""Method registry: the only place that maps ``method.name`` to its schema and its ``run`` function.
+
+Adding a method: ``alignment/methods/<name>.py`` (``<Name>Config`` + losses + ``run``), ``conf/method/<name>.yaml``,
+``tests/methods/test_<name>.py`` and one line in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from alignment.methods import sft
+from alignment.methods.common import MethodConfig
+
+if TYPE_CHECKING:
+    from alignment.config import RunConfig
+    from alignment.context import RunContext
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method's config schema and its entry point ``run(cfg, ctx) -> final metrics``."""
+
+    schema: type[MethodConfig]
+    run: Callable[[RunConfig, RunContext], dict[str, float]]
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method(sft.SftConfig, sft.run),
+}

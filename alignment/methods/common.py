@@ -1,0 +1,124 @@
+"""What every method shares: the method-agnostic training settings (HF names) and their mapping to HF args.
+
+The fields below are the one place where these defaults live. Each method's config extends
+:class:`MethodConfig` and adds only its own knobs; :func:`training_kwargs` turns the shared part into keyword
+arguments for ``transformers.TrainingArguments`` or any TRL config that extends it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+
+
+class IntervalStrategy(StrEnum):
+    """When to evaluate or save (HF ``IntervalStrategy``)."""
+
+    no = "no"
+    steps = "steps"
+    epoch = "epoch"
+
+
+class SchedulerType(StrEnum):
+    """Learning-rate schedule (a subset of HF ``SchedulerType``)."""
+
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    warmup_stable_decay = "warmup_stable_decay"
+
+
+@dataclass
+class MethodConfig:
+    """Method-agnostic training settings; names and meanings follow ``transformers.TrainingArguments``."""
+
+    name: str = MISSING
+    """Registry key of the method (``alignment.methods.METHODS``); set by each method's schema."""
+    learning_rate: float = 2e-5
+    """Peak learning rate."""
+    lr_scheduler_type: SchedulerType = SchedulerType.linear
+    """Shape of the learning-rate schedule after warm-up."""
+    warmup_steps: float = 0.0
+    """Linear warm-up: an integer step count, or a float in [0, 1) as a fraction of all steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    optim: str = "adamw_torch"
+    """HF optimizer name (``adamw_torch``, ``adamw_torch_fused`` on GPU, ``adamw_8bit`` with bitsandbytes…)."""
+    num_train_epochs: float = 1.0
+    """Epochs over the train split; ignored when ``max_steps`` > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means use ``num_train_epochs``."""
+    per_device_train_batch_size: int = 8
+    """Sequences per device per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Sequences per device per evaluation batch (also the generation batch)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    eval_strategy: IntervalStrategy = IntervalStrategy.steps
+    """When to evaluate (loss on the eval split, sample generations)."""
+    eval_steps: float | None = 0.25
+    """Steps between evaluations (a float < 1 is a fraction of all steps); None uses ``logging_steps``."""
+    eval_on_start: bool = True
+    """Evaluate before the first step, so every run records a before/after."""
+    save_strategy: IntervalStrategy = IntervalStrategy.steps
+    """When to write a resumable checkpoint."""
+    save_steps: float = 500
+    """Steps between checkpoints (a float < 1 is a fraction of all steps)."""
+    save_total_limit: int | None = 2
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    logging_steps: float = 10
+    """Steps between metric logs."""
+    bf16: bool | None = None
+    """bf16 mixed precision; None turns it on only on a CUDA device with bf16 support (never on CPU)."""
+    fp16: bool = False
+    """fp16 mixed precision (GPUs without bf16)."""
+    dataloader_num_workers: int = 0
+    """Worker processes per dataloader."""
+
+
+def _auto_bf16(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: str) -> dict[str, Any]:
+    """Keyword arguments for an HF/TRL ``*Config`` from the shared settings of any method config."""
+    return {
+        "output_dir": output_dir,
+        "run_name": run_name,
+        "seed": seed,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler_type.value,
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "optim": cfg.optim,
+        "num_train_epochs": cfg.num_train_epochs,
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "per_device_eval_batch_size": cfg.per_device_eval_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "eval_strategy": cfg.eval_strategy.value,
+        "eval_steps": cfg.eval_steps,
+        "eval_on_start": cfg.eval_on_start and cfg.eval_strategy is not IntervalStrategy.no,
+        "save_strategy": cfg.save_strategy.value,
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "logging_steps": cfg.logging_steps,
+        "bf16": _auto_bf16(cfg.bf16),
+        "fp16": cfg.fp16,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": cfg.dataloader_num_workers,
+    }

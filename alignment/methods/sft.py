@@ -1,0 +1,182 @@
+"""Supervised fine-tuning on conversations, loss only on the chosen roles.
+
+Loss: token-level cross-entropy over the tokens of the messages whose role is in ``train_on_roles``
+(every such turn of a multi-turn dialogue, its end-of-turn token included, its role header excluded),
+normalised by the number of loss tokens in the whole gradient-accumulation window (HF ``num_items_in_batch``):
+
+    L = -(1/N) * sum_{b,t: label[b,t] != -100} log pi(label[b,t] | x[b, <t])
+
+Deviations from the original toolkit: a ``system_prompt`` is injected only when the dialogue has none (the
+original always prepended one), and loss spans come from rendering the chat template rather than from
+matching a header string, so pad == eos and BPE merges at the header cannot silently drop every span.
+Training runs through TRL's ``SFTTrainer`` on our pre-tokenised ``input_ids``/``labels``, which gives packing
+(best-fit decreasing) and padding-free batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from alignment.callbacks import EvalPrompt, SampleGenerationCallback
+from alignment.data.chat_template import prepare_messages, render, tokenize_conversation
+from alignment.data.load import ORIGIN
+from alignment.data.mix import build_splits
+from alignment.data.validate import message_list_problems, require_columns
+from alignment.loggers import MetricsJsonlCallback, report_to
+from alignment.methods.common import MethodConfig, training_kwargs
+from alignment.models.load import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from alignment.config import RunConfig
+    from alignment.context import RunContext
+
+log = logging.getLogger(__name__)
+
+COLUMN = "messages"
+
+
+@dataclass
+class SftConfig(MethodConfig):
+    """Supervised fine-tuning."""
+
+    name: str = "sft"
+    """Registry key."""
+    train_on_roles: list[str] = field(default_factory=lambda: ["assistant"])
+    """Roles whose turns carry loss (every such turn, end-of-turn token included)."""
+    system_prompt: str | None = None
+    """System message injected into dialogues that have none."""
+    model_support_system_role: bool = True
+    """False folds the system text into the first user turn (for templates without a system role)."""
+    max_length: int = 1024
+    """Tokens per sequence; longer conversations are cut at the end (counted and reported)."""
+    packing: bool = False
+    """Pack several conversations into each ``max_length`` row (best-fit decreasing, padding-free)."""
+    padding_free: bool = False
+    """Concatenate each micro-batch into one row with position ids instead of padding."""
+    num_generation_samples: int = 16
+    """Eval prompts generated at every evaluation (0 disables); the same prompts each time."""
+    max_new_tokens: int = 64
+    """Token budget of each sample generation."""
+
+
+def row_problems(row: Mapping[str, Any], *, roles: list[str]) -> list[str]:
+    """Validation of one SFT row: a well-formed conversation with a non-empty turn in a trained role."""
+    problems = require_columns(row, [COLUMN])
+    if problems:
+        return problems
+    problems = message_list_problems(row[COLUMN], COLUMN)
+    if problems:
+        return problems
+    trained = [m for m in row[COLUMN] if m["role"] in roles]
+    if not trained:
+        return [f"column {COLUMN!r}: no message with a trained role ({', '.join(roles)}); it would carry no loss"]
+    if any(not m["content"].strip() for m in trained):
+        return [f"column {COLUMN!r}: a {'/'.join(roles)} turn has empty content"]
+    return []
+
+
+def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConfig) -> Dataset:
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        messages = prepare_messages(
+            row[COLUMN],
+            system_prompt=cfg.system_prompt,
+            model_support_system_role=cfg.model_support_system_role,
+        )
+        out = tokenize_conversation(tokenizer, messages, cfg.train_on_roles, cfg.max_length)
+        return {"input_ids": out.input_ids, "labels": out.labels, "truncated": out.truncated}
+
+    encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="Tokenizing")
+    truncated = sum(encoded["truncated"])
+    kept = encoded.filter(lambda row: any(label != -100 for label in row["labels"]))
+    dropped = len(encoded) - len(kept)
+    if truncated or dropped:
+        log.warning(
+            "sft: %d of %d conversations cut to max_length=%d; %d dropped because no trained token survived",
+            truncated,
+            len(encoded),
+            cfg.max_length,
+            dropped,
+        )
+    return kept.remove_columns("truncated")
+
+
+def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConfig) -> list[EvalPrompt]:
+    """Prompts for sample generation: each eval conversation up to its last assistant turn, which is the reference."""
+    prompts = []
+    for row in dataset.select(range(min(cfg.num_generation_samples, len(dataset)))):
+        messages = prepare_messages(
+            row[COLUMN],
+            system_prompt=cfg.system_prompt,
+            model_support_system_role=cfg.model_support_system_role,
+        )
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        prompt = render(tokenizer, messages[:last], generation_prompt=True)
+        prompts.append(EvalPrompt(row[ORIGIN], prompt, messages[last]["content"]))
+    return prompts
+
+
+def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for entry in history:
+        merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return merged
+
+
+def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
+    """Validate and tokenise the data, load the model, train, save the model/adapter; return final metrics."""
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    method = cfg.method
+    assert isinstance(method, SftConfig)
+    tokenizer = load_tokenizer(cfg.model)
+    splits = build_splits(cfg.data, partial(row_problems, roles=list(method.train_on_roles)), (COLUMN,))
+    train = _tokenize(splits.train, tokenizer, method)
+    evaluation = _tokenize(splits.eval, tokenizer, method) if splits.eval is not None else None
+    prompts = eval_prompts(splits.eval, tokenizer, method) if splits.eval is not None else []
+
+    model = load_model(cfg.model, tokenizer)
+    kwargs = training_kwargs(method, output_dir=str(ctx.output_dir / "checkpoints"), seed=cfg.seed, run_name=ctx.name)
+    if evaluation is None:
+        kwargs.update(eval_strategy="no", eval_on_start=False)
+    args = TrlSFTConfig(
+        **kwargs,
+        max_length=method.max_length,
+        packing=method.packing,
+        padding_free=method.padding_free,
+        report_to=report_to(cfg.logger),
+    )
+    samples = SampleGenerationCallback(
+        prompts,
+        tokenizer,
+        ctx,
+        cfg.logger,
+        max_new_tokens=method.max_new_tokens,
+        batch_size=method.per_device_eval_batch_size,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonlCallback(ctx.output_dir / "metrics.jsonl"), samples],
+    )
+    samples.trainer = trainer
+    result = trainer.train()
+    metrics: dict[str, float] = dict(result.metrics)
+    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
+    if evaluation is not None and trainer.state.global_step not in evaluated:
+        trainer.evaluate()
+    metrics.update(_last_eval(trainer.state.log_history))
+    trainer.save_model(str(ctx.output_dir / "model"))
+    return metrics

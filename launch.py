@@ -1,0 +1,29 @@
+"""Compose the run with Hydra and train: ``python launch.py [group=option ...] [key=value ...]``.
+
+Examples:
+    python launch.py                                   # SFT of the embedded SmolLM2 on the demo data (CPU)
+    python launch.py model=llama8b data=smoltalk_mix --cfg job   # print the composed config, load nothing
+    python launch.py -m method.learning_rate=1e-4,2e-4 # a local sweep into multirun/
+"""
+
+from __future__ import annotations
+
+from hydra import main
+from omegaconf import DictConfig
+
+from alignment.config import register_configs, to_run_config
+
+register_configs()
+
+
+@main(version_base="1.3", config_path="conf", config_name="config")
+def launch(cfg: DictConfig) -> float | None:
+    """Convert the composed config once to the typed run object and run it; return the sweep objective."""
+    from alignment.runner import run
+
+    metrics = run(to_run_config(cfg))
+    return metrics.get("eval_loss", metrics.get("train_loss"))
+
+
+if __name__ == "__main__":
+    launch()
