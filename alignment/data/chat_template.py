@@ -1,9 +1,12 @@
 """Render conversations with the tokenizer's chat template and mark the tokens that carry loss.
 
 The loss span of a message is found by rendering, not by searching for header tokens: with ``P_i`` the
-rendering of messages ``[0, i)`` and ``Q_i`` that of ``[0, i]``, message ``i`` occupies ``Q_i[len(P_i):]``; its
-content starts where the (stripped) content text first appears in that slice, and the span ends after the last
-non-whitespace character, which for chat templates is the end-of-turn token (``<|im_end|>``, ``<|eot_id|>``…).
+rendering of messages ``[0, i)`` and ``Q_i`` that of ``[0, i]``, message ``i`` occupies ``Q_i[len(P_i):]``. Its
+header (role markers, and any default system prompt the template adds) ends where a probe string stands when the
+message is rendered with the probe as its content; the content starts where the (stripped) content text first
+appears after that header, so a short content such as ``"a"`` is never matched inside ``assistant`` or inside a
+default system prompt. The span ends after the last non-whitespace character, which for chat templates is the
+end-of-turn token (``<|im_end|>``, ``<|eot_id|>``…).
 So the role header is never trained, the end-of-turn token always is, and any template works that renders a
 conversation's prefix as a prefix of the whole (templates that rewrite earlier turns fail with a clear error).
 Token ``t`` carries loss when its character span overlaps a trained span (fast tokenizers' offset mapping).
@@ -19,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
 IGNORE_INDEX = -100
+_PROBE = "\x00content-probe\x00"
 
 
 class ChatTemplateError(ValueError):
@@ -50,7 +54,7 @@ def prepare_messages(
     followed by a user turn becomes a user turn.
     """
     out = [dict(m) for m in messages]
-    if system_prompt is not None and out[0]["role"] != "system":
+    if system_prompt is not None and all(m["role"] != "system" for m in out):
         out.insert(0, {"role": "system", "content": system_prompt})
     if not model_support_system_role and out[0]["role"] == "system":
         if len(out) > 1 and out[1]["role"] == "user":
@@ -59,6 +63,18 @@ def prepare_messages(
         else:
             out[0]["role"] = "user"
     return out
+
+
+def _header_end(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], i: int, before: str, upto: str) -> int:
+    """Index in ``upto`` where message ``i``'s content may start: after its header, found by rendering a probe.
+
+    Falls back to ``len(before)`` when the template drops the probe or renders a content-dependent header.
+    """
+    probed = render(tokenizer, [*messages[:i], {**messages[i], "content": _PROBE}])
+    at = probed.find(_PROBE, len(before))
+    if at < 0 or upto[:at] != probed[:at]:
+        return len(before)
+    return at
 
 
 def message_spans(
@@ -82,7 +98,8 @@ def message_spans(
                 "set model.chat_template to a template that keeps earlier turns unchanged"
             )
         content = message["content"].strip()
-        start = upto.find(content, len(before)) if content else len(upto.rstrip())
+        header_end = _header_end(tokenizer, messages, i, before, upto)
+        start = upto.find(content, header_end) if content else len(upto.rstrip())
         if start < 0:
             raise ChatTemplateError(
                 f"the chat template does not render the content of message {i} ({message['role']}) verbatim"

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+JSON_SUFFIXES = (".jsonl", ".json")
+
 
 @dataclass
 class SourceConfig:
@@ -35,6 +37,11 @@ class SourceConfig:
             raise ValueError(f"data source {self.path}: sampling_weight must be > 0, got {self.sampling_weight}")
         if self.sample_fraction is not None and self.sampling_weight is not None:
             raise ValueError(f"data source {self.path}: set sample_fraction or sampling_weight, not both")
+        is_file = self.path.endswith(JSON_SUFFIXES)
+        if self.eval_path is not None and not is_file:
+            raise ValueError(f"data source {self.path}: eval_path is for JSONL sources; use eval_split")
+        if self.eval_split is not None and is_file:
+            raise ValueError(f"data source {self.path}: eval_split is for hub/save_to_disk sources; use eval_path")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from alignment.data.config import SourceConfig
+from alignment.data.config import JSON_SUFFIXES, SourceConfig
 from alignment.data.validate import DataError, RowValidator, check_rows
 
 ORIGIN = "_origin"
@@ -89,6 +89,9 @@ def _hf_split(cfg: SourceConfig, split: str) -> Dataset:
             if split not in loaded:
                 raise KeyError(f"data source {cfg.path!r}: no split {split!r} (has {', '.join(loaded)})")
             return loaded[split]
+        if split != cfg.split:
+            # A single saved Dataset has no splits; returning it again would evaluate on the training rows.
+            raise KeyError(f"data source {cfg.path!r}: a single saved Dataset has no split {split!r}; unset eval_split")
         return loaded
     return load_dataset(cfg.path, cfg.name, split=split)
 
@@ -96,7 +99,7 @@ def _hf_split(cfg: SourceConfig, split: str) -> Dataset:
 def load_source(cfg: SourceConfig, validate: RowValidator, keep: tuple[str, ...]) -> SourceSplits:
     """Load, rename, validate and keep only the ``keep`` columns (plus the origin) of one source."""
     path = resolve_path(cfg.path)
-    if path.endswith((".jsonl", ".json")):
+    if path.endswith(JSON_SUFFIXES):
         train = _from_jsonl(Path(path), cfg, validate, keep)
         eval_part = _from_jsonl(Path(resolve_path(cfg.eval_path)), cfg, validate, keep) if cfg.eval_path else None
         return SourceSplits(train, eval_part)

@@ -1,0 +1,210 @@
+"""Validation reports every bad row as ``where: column: reason`` before anything is trained."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from alignment.data.config import SourceConfig
+from alignment.data.load import load_source, read_jsonl
+from alignment.data.validate import MAX_REPORTED, DataError, check_rows, message_list_problems, require_columns
+from alignment.methods.sft import row_problems
+
+COLUMNS = ("messages",)
+VALIDATE = partial(row_problems, roles=["assistant"])
+ROLES_LIST = "system, user, assistant, tool"
+GOOD = {"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _load_jsonl(path: Path) -> None:
+    load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+
+
+def test_malformed_json_line_reports_line_and_column(tmp_path: Path) -> None:
+    path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), '{"messages": [}', json.dumps(GOOD)])
+    with pytest.raises(DataError) as caught:
+        _load_jsonl(path)
+    assert str(caught.value) == f"{path}:2:15: malformed JSON: Expecting value; nothing was trained"
+
+
+def test_blank_lines_are_skipped_but_counted(tmp_path: Path) -> None:
+    path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "", "   ", "{oops"])
+    with pytest.raises(DataError, match=rf"^{path}:4:2: malformed JSON: Expecting property name"):
+        _load_jsonl(path)
+
+
+def test_non_object_line_is_reported(tmp_path: Path) -> None:
+    path = _write_lines(tmp_path / "list.jsonl", [json.dumps(GOOD), json.dumps([GOOD])])
+    with pytest.raises(DataError) as caught:
+        list(read_jsonl(path))
+    assert str(caught.value) == f"{path}:2: expected a JSON object per line, got list"
+
+
+BAD_ROWS: list[tuple[dict[str, Any], str]] = [
+    (
+        {"conversation": GOOD["messages"]},
+        "missing column 'messages' (columns present: conversation)",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]},
+        f"column 'messages'[1].role: unknown role 'bot' (expected one of {ROLES_LIST})",
+    ),
+    (
+        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "5"}]},
+        "column 'messages'[0].content: expected a string, got int 5",
+    ),
+    (
+        {"messages": []},
+        "column 'messages': expected a non-empty list of {role, content} messages, got list []",
+    ),
+]
+
+
+@pytest.mark.parametrize(("row", "reason"), BAD_ROWS, ids=["missing", "role", "content", "empty"])
+def test_bad_row_reports_line_column_and_reason(tmp_path: Path, row: dict[str, Any], reason: str) -> None:
+    path = _write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD), json.dumps(GOOD), json.dumps(row)])
+    with pytest.raises(DataError) as caught:
+        _load_jsonl(path)
+    assert str(caught.value).splitlines() == [
+        "1 invalid row(s); nothing was trained:",
+        f"  {path}:3: {reason}",
+    ]
+
+
+def test_all_bad_rows_listed_in_one_error(tmp_path: Path) -> None:
+    lines = [json.dumps(GOOD)]
+    for row, _ in BAD_ROWS:
+        lines += [json.dumps(row), json.dumps(GOOD)]
+    path = _write_lines(tmp_path / "data.jsonl", lines)
+    with pytest.raises(DataError) as caught:
+        _load_jsonl(path)
+    assert str(caught.value).splitlines() == [
+        "4 invalid row(s); nothing was trained:",
+        *(f"  {path}:{2 * i + 2}: {reason}" for i, (_, reason) in enumerate(BAD_ROWS)),
+    ]
+
+
+def test_every_problem_of_a_row_is_listed(tmp_path: Path) -> None:
+    row = {"messages": [{"role": "robot", "content": None}, "hello"]}
+    path = _write_lines(tmp_path / "data.jsonl", [json.dumps(row)])
+    with pytest.raises(DataError) as caught:
+        _load_jsonl(path)
+    assert str(caught.value).splitlines() == [
+        "1 invalid row(s); nothing was trained:",
+        f"  {path}:1: column 'messages'[0].role: unknown role 'robot' (expected one of {ROLES_LIST})",
+        f"  {path}:1: column 'messages'[0].content: expected a string, got null",
+        f"  {path}:1: column 'messages'[1]: expected an object with 'role' and 'content', got str 'hello'",
+    ]
+
+
+def test_eval_file_is_validated_too(tmp_path: Path) -> None:
+    train = _write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD)])
+    evaluation = _write_lines(tmp_path / "eval.jsonl", [json.dumps(GOOD), json.dumps({"messages": "hi"})])
+    with pytest.raises(DataError, match=rf"{evaluation}:2: column 'messages': expected a non-empty list"):
+        load_source(SourceConfig(path=str(train), eval_path=str(evaluation)), VALIDATE, COLUMNS)
+
+
+def test_many_bad_rows_are_counted_and_the_listing_capped(tmp_path: Path) -> None:
+    bad = MAX_REPORTED + 5
+    path = _write_lines(tmp_path / "data.jsonl", [json.dumps({"messages": []})] * bad)
+    with pytest.raises(DataError) as caught:
+        _load_jsonl(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{bad} invalid row(s); nothing was trained:"
+    assert lines[-1] == "  … and 5 more"
+    assert len(lines) == 1 + MAX_REPORTED + 1
+    assert lines[MAX_REPORTED].startswith(f"  {path}:{MAX_REPORTED}: ")
+
+
+def test_sft_validator_needs_a_non_empty_trained_turn(tmp_path: Path) -> None:
+    only_user = {"messages": [{"role": "user", "content": "hi"}]}
+    empty_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    path = _write_lines(tmp_path / "data.jsonl", [json.dumps(only_user), json.dumps(empty_answer)])
+    with pytest.raises(DataError) as caught:
+        _load_jsonl(path)
+    lines = str(caught.value).splitlines()
+    assert lines[:2] == [
+        "2 invalid row(s); nothing was trained:",
+        f"  {path}:1: column 'messages': no message with a trained role (assistant); it would carry no loss",
+    ]
+    assert lines[2].startswith(f"  {path}:2: column 'messages'")
+    assert "empty" in lines[2]
+    assert len(lines) == 3
+
+
+def test_save_to_disk_source_reports_name_split_and_row(tmp_path: Path) -> None:
+    rows = [
+        GOOD,
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]},
+        GOOD,
+        {"messages": []},
+    ]
+    folder = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list([GOOD])}).save_to_disk(str(folder))
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(folder), split="train", eval_split="test"), VALIDATE, COLUMNS)
+    assert str(caught.value).splitlines() == [
+        "2 invalid row(s); nothing was trained:",
+        f"  {folder}[train] row 1: column 'messages'[1].role: unknown role 'bot' (expected one of {ROLES_LIST})",
+        f"  {folder}[train] row 3: column 'messages': expected a non-empty list of {{role, content}} messages, "
+        "got list []",
+    ]
+
+
+def test_save_to_disk_source_with_missing_column(tmp_path: Path) -> None:
+    folder = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list([{"text": "a"}, {"text": "b"}])}).save_to_disk(str(folder))
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(folder)), VALIDATE, COLUMNS)
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {folder}[train] row {i}: missing column 'messages' (columns present: text)" for i in range(2)
+    ]
+
+
+# The building blocks directly
+
+
+def test_message_list_problems_accepts_a_good_conversation() -> None:
+    assert message_list_problems(GOOD["messages"], "messages") == []
+    tool_turn = [{"role": "tool", "content": "{}"}, {"role": "system", "content": ""}]
+    assert message_list_problems(tool_turn, "chosen") == []
+
+
+@pytest.mark.parametrize(
+    ("value", "problems"),
+    [
+        (None, ["column 'chosen': expected a non-empty list of {role, content} messages, got null"]),
+        ("hi", ["column 'chosen': expected a non-empty list of {role, content} messages, got str 'hi'"]),
+        ([{"content": "x"}], [f"column 'chosen'[0].role: unknown role None (expected one of {ROLES_LIST})"]),
+        ([{"role": "user"}], ["column 'chosen'[0].content: expected a string, got null"]),
+        (
+            [{"role": "user", "content": ["x" * 50]}],
+            [f"column 'chosen'[0].content: expected a string, got list {str(['x' * 50])[:40]}…"],
+        ),
+    ],
+)
+def test_message_list_problems(value: Any, problems: list[str]) -> None:
+    assert message_list_problems(value, "chosen") == problems
+
+
+def test_require_columns() -> None:
+    assert require_columns({"prompt": "", "chosen": []}, ["prompt", "chosen"]) == []
+    assert require_columns({"prompt": ""}, ["prompt", "chosen", "rejected"]) == [
+        "missing column 'chosen' (columns present: prompt)",
+        "missing column 'rejected' (columns present: prompt)",
+    ]
+    assert require_columns({}, ["prompt"]) == ["missing column 'prompt' (columns present: none)"]
+
+
+def test_check_rows_passes_clean_rows() -> None:
+    check_rows([("a:1", GOOD), ("a:2", GOOD)], VALIDATE)
