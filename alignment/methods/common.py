@@ -7,7 +7,7 @@ arguments for ``transformers.TrainingArguments`` or any TRL config that extends 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -44,6 +44,9 @@ class MethodConfig:
     """Peak learning rate."""
     lr_scheduler_type: SchedulerType = SchedulerType.linear
     """Shape of the learning-rate schedule after warm-up."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra schedule arguments; ``cosine_with_min_lr`` needs ``min_lr_rate`` (or ``min_lr``) and
+    ``warmup_stable_decay`` needs ``num_decay_steps`` (``+method.lr_scheduler_kwargs.min_lr_rate=0.1``)."""
     warmup_steps: float = 0.0
     """Linear warm-up: an integer step count, or a float in [0, 1) as a fraction of all steps."""
     weight_decay: float = 0.0
@@ -63,7 +66,7 @@ class MethodConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    """Recompute activations in the backward pass: less memory, ~30% more compute (HF ``activation_checkpointing``)."""
     eval_strategy: IntervalStrategy = IntervalStrategy.steps
     """When to evaluate (loss on the eval split, sample generations)."""
     eval_steps: float | None = 0.25
@@ -79,17 +82,22 @@ class MethodConfig:
     logging_steps: float = 10
     """Steps between metric logs."""
     bf16: bool | None = None
-    """bf16 mixed precision; None turns it on only on a CUDA device with bf16 support (never on CPU)."""
+    """bf16 mixed precision; None turns it on only on a CUDA device with bf16 support when fp16 is off (never on
+    CPU)."""
     fp16: bool = False
     """fp16 mixed precision (GPUs without bf16)."""
     dataloader_num_workers: int = 0
     """Worker processes per dataloader."""
+    resume_from_checkpoint: str | None = None
+    """``checkpoint-<step>`` folder to resume from (weights, optimizer, scheduler, RNG and data position); run with
+    the same settings as the interrupted run."""
 
 
-def _auto_bf16(flag: bool | None) -> bool:
+def _auto_bf16(flag: bool | None, *, fp16: bool) -> bool:
     if flag is not None:
         return flag
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # HF rejects bf16 and fp16 together, so an explicit fp16 wins over the automatic choice.
+    return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: str) -> dict[str, Any]:
@@ -100,6 +108,7 @@ def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: 
         "seed": seed,
         "learning_rate": cfg.learning_rate,
         "lr_scheduler_type": cfg.lr_scheduler_type.value,
+        "lr_scheduler_kwargs": dict(cfg.lr_scheduler_kwargs),
         "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm,
@@ -109,7 +118,8 @@ def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: 
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "per_device_eval_batch_size": cfg.per_device_eval_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        # The new HF name: ``gradient_checkpointing`` is a deprecated alias in transformers 5 (FutureWarning).
+        "activation_checkpointing": cfg.gradient_checkpointing,
         "eval_strategy": cfg.eval_strategy.value,
         "eval_steps": cfg.eval_steps,
         "eval_on_start": cfg.eval_on_start and cfg.eval_strategy is not IntervalStrategy.no,
@@ -117,8 +127,9 @@ def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: 
         "save_steps": cfg.save_steps,
         "save_total_limit": cfg.save_total_limit,
         "logging_steps": cfg.logging_steps,
-        "bf16": _auto_bf16(cfg.bf16),
+        "bf16": _auto_bf16(cfg.bf16, fp16=cfg.fp16),
         "fp16": cfg.fp16,
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": cfg.dataloader_num_workers,
+        "resume_from_checkpoint": cfg.resume_from_checkpoint,
     }

@@ -28,7 +28,7 @@ from alignment.callbacks import EvalPrompt, SampleGenerationCallback
 from alignment.data.chat_template import prepare_messages, render, tokenize_conversation
 from alignment.data.load import ORIGIN
 from alignment.data.mix import build_splits
-from alignment.data.validate import message_list_problems, require_columns
+from alignment.data.validate import ROLES, message_list_problems, require_columns
 from alignment.loggers import MetricsJsonlCallback, report_to
 from alignment.methods.common import MethodConfig, training_kwargs
 from alignment.models.load import load_model, load_tokenizer
@@ -65,6 +65,12 @@ class SftConfig(MethodConfig):
     max_new_tokens: int = 64
     """Token budget of each sample generation."""
 
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.train_on_roles if r not in ROLES]
+        if unknown or not self.train_on_roles:
+            # A typo would otherwise reject every row as having no trained turn.
+            raise ValueError(f"method.train_on_roles must be a non-empty subset of {ROLES}, got {self.train_on_roles}")
+
 
 def row_problems(row: Mapping[str, Any], *, roles: list[str]) -> list[str]:
     """Validation of one SFT row: a well-formed conversation with a non-empty turn in a trained role."""
@@ -74,12 +80,14 @@ def row_problems(row: Mapping[str, Any], *, roles: list[str]) -> list[str]:
     problems = message_list_problems(row[COLUMN], COLUMN)
     if problems:
         return problems
-    trained = [m for m in row[COLUMN] if m["role"] in roles]
+    trained = [(i, m) for i, m in enumerate(row[COLUMN]) if m["role"] in roles]
     if not trained:
         return [f"column {COLUMN!r}: no message with a trained role ({', '.join(roles)}); it would carry no loss"]
-    if any(not m["content"].strip() for m in trained):
-        return [f"column {COLUMN!r}: a {'/'.join(roles)} turn has empty content"]
-    return []
+    return [
+        f"column {COLUMN!r}[{i}].content: empty {m['role']} turn (trained turns need text)"
+        for i, m in trained
+        if not m["content"].strip()
+    ]
 
 
 def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConfig) -> Dataset:
@@ -117,7 +125,7 @@ def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftC
             model_support_system_role=cfg.model_support_system_role,
         )
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
+        if not last:  # no assistant turn, or nothing before it to prompt with
             continue
         prompt = render(tokenizer, messages[:last], generation_prompt=True)
         prompts.append(EvalPrompt(row[ORIGIN], prompt, messages[last]["content"]))
@@ -150,7 +158,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         kwargs.update(eval_strategy="no", eval_on_start=False)
     args = TrlSFTConfig(
         **kwargs,
-        max_length=method.max_length,
+        # Rows are already cut to max_length by _tokenize; TRL needs it only as the pack size, and refuses it
+        # with padding_free without packing ("max_length is not enforced"), so it is passed only when packing.
+        max_length=method.max_length if method.packing else None,
         packing=method.packing,
         padding_free=method.padding_free,
         report_to=report_to(cfg.logger),
@@ -172,10 +182,10 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         callbacks=[MetricsJsonlCallback(ctx.output_dir / "metrics.jsonl"), samples],
     )
     samples.trainer = trainer
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
     metrics: dict[str, float] = dict(result.metrics)
     evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
-    if evaluation is not None and trainer.state.global_step not in evaluated:
+    if args.eval_strategy != "no" and trainer.state.global_step not in evaluated:
         trainer.evaluate()
     metrics.update(_last_eval(trainer.state.log_history))
     trainer.save_model(str(ctx.output_dir / "model"))

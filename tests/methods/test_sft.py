@@ -1,0 +1,532 @@
+"""SFT: row validation, eval prompts, the HF argument mapping, and trainer invariants on the tiny random Llama.
+
+Trainer tests (STYLE rule 11) call ``alignment.methods.sft.run`` in-process on ``model=tiny_random``; the model
+that ``run`` loads is captured (``load_model`` is wrapped) so parameters can be compared before and after.
+One-step invariants use plain SGD without clipping: Adam's first step is ``lr * sign(grad)``, which would hide
+a wrong gradient scale, while SGD moves each parameter by ``lr * grad`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+
+from alignment.config import to_run_config
+from alignment.context import RunContext
+from alignment.data.chat_template import render, tokenize_conversation
+from alignment.data.load import ORIGIN
+from alignment.methods import common, sft
+from alignment.methods.common import IntervalStrategy, MethodConfig, SchedulerType, training_kwargs
+from alignment.methods.sft import SftConfig, eval_prompts, row_problems
+
+# Short, fast runs: every evaluation generates 2 short samples from a 4-row eval set.
+TINY = [
+    "model=tiny_random",
+    "logger=none",
+    "method.per_device_train_batch_size=2",
+    "method.per_device_eval_batch_size=4",
+    "method.logging_steps=1",
+    "method.num_generation_samples=2",
+    "method.max_new_tokens=4",
+    "data.max_eval_samples=4",
+]
+# One optimizer step of plain SGD on the given rows, nothing else.
+ONE_SGD_STEP = [
+    "model=tiny_random",
+    "logger=none",
+    "data.eval_fraction=0",
+    "method.max_steps=1",
+    "method.logging_steps=1",
+    "method.optim=sgd",
+    "method.learning_rate=1.0",
+    "method.max_grad_norm=0",
+    "method.save_strategy=no",
+    "method.eval_strategy=no",
+    "method.max_length=512",
+]
+# Four conversations of very different trained lengths (22, 2, 10 and 5 loss tokens), one of them multi-turn.
+ROWS = [
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there! How can I help you today? " * 2},
+    ],
+    [{"role": "user", "content": "What is 2+2? Answer briefly, please."}, {"role": "assistant", "content": "4"}],
+    [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y z"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "and again, a second turn"},
+    ],
+    [
+        {"role": "system", "content": "Tell stories."},
+        {"role": "user", "content": "One"},
+        {"role": "assistant", "content": "Once upon a time"},
+    ],
+]
+
+
+@dataclass
+class Captured:
+    """The model ``run`` trained (live object) and a copy of its trainable parameters right after loading."""
+
+    model: Any = None
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
+    """Wrap ``sft.load_model`` so the test sees the model a run trains."""
+    box = Captured()
+    real = sft.load_model
+
+    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
+        box.model = real(*args, **kwargs)
+        box.initial = box.trainable()
+        box.frozen = {n: p.detach().clone() for n, p in box.model.named_parameters() if not p.requires_grad}
+        return box.model
+
+    monkeypatch.setattr(sft, "load_model", load_and_keep)
+    return box
+
+
+@pytest.fixture
+def rows_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def loss_token_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record ``num_items_in_batch`` (loss tokens per optimizer step) as the trainer passes it to ``compute_loss``."""
+    from trl import SFTTrainer
+
+    seen: list[int] = []
+    real = SFTTrainer.compute_loss
+
+    def spy(self: Any, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if model.training:
+            seen.append(int(num_items_in_batch))
+        return real(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
+    return seen
+
+
+def _run(compose: Any, out: Path, overrides: list[str]) -> dict[str, float]:
+    cfg = to_run_config(compose(overrides))
+    return sft.run(cfg, RunContext(output_dir=out, name=out.name, group=None))
+
+
+def _data(path: Path) -> list[str]:
+    return [f"data.sources=[{{path:'{path}'}}]"]
+
+
+def _logs(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _assert_params_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(a, key=lambda n: (a[n] - b[n]).abs().max().item())
+    assert torch.allclose(a[worst], b[worst], rtol=0, atol=atol), (worst, (a[worst] - b[worst]).abs().max().item())
+
+
+# --- row_problems ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("messages", ROWS)
+def test_row_problems_accepts_valid_rows(messages: list[dict[str, str]]) -> None:
+    assert row_problems({"messages": messages}, roles=["assistant"]) == []
+
+
+@pytest.mark.parametrize(
+    ("row", "roles", "expected"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, ["assistant"], "no message with a trained role"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+            ["assistant"],
+            "[1].content: empty assistant",
+        ),
+        (
+            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+            ["user", "assistant"],
+            "[0].content: empty user",
+        ),
+        ({"messages": "hi"}, ["assistant"], "expected a non-empty list"),
+        ({"messages": []}, ["assistant"], "expected a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, ["assistant"], "[0].role: unknown role 'bot'"),
+        ({"messages": [{"role": "assistant", "content": 3}]}, ["assistant"], "[0].content: expected a string"),
+        ({"messages": ["hi"]}, ["assistant"], "[0]: expected an object"),
+        ({"conversation": []}, ["assistant"], "missing column 'messages'"),
+    ],
+)
+def test_row_problems_names_the_column_and_reason(row: dict[str, Any], roles: list[str], expected: str) -> None:
+    problems = row_problems(row, roles=roles)
+    assert problems
+    assert all("'messages'" in p for p in problems), problems
+    assert any(expected in p for p in problems), problems
+
+
+def test_train_on_roles_typo_fails_at_config_time() -> None:
+    with pytest.raises(ValueError, match="train_on_roles"):
+        SftConfig(train_on_roles=["asistant"])
+
+
+# --- eval_prompts ---------------------------------------------------------------------------------------------------
+
+
+def _eval_set(conversations: list[list[dict[str, str]]]) -> Dataset:
+    return Dataset.from_list([{"messages": m, ORIGIN: f"rows.jsonl:{i + 1}"} for i, m in enumerate(conversations)])
+
+
+def test_eval_prompt_ends_with_generation_prompt_and_reference_is_last_answer(smollm2_tokenizer: Any) -> None:
+    multi = ROWS[2]
+    prompts = eval_prompts(_eval_set([ROWS[0], multi]), smollm2_tokenizer, SftConfig())
+    assert [p.origin for p in prompts] == ["rows.jsonl:1", "rows.jsonl:2"]
+    assert [p.reference for p in prompts] == [ROWS[0][1]["content"], "and again, a second turn"]
+    history = multi[:3]
+    suffix = render(smollm2_tokenizer, history, generation_prompt=True)[len(render(smollm2_tokenizer, history)) :]
+    assert suffix.strip()  # the template has a generation prompt (``<|im_start|>assistant``)
+    assert prompts[1].prompt == render(smollm2_tokenizer, history, generation_prompt=True)
+    assert prompts[1].prompt.endswith(suffix)
+    assert "y z" in prompts[1].prompt  # earlier answers stay in the prompt
+    assert "and again" not in prompts[1].prompt
+
+
+def test_eval_prompts_inject_system_prompt_only_when_absent(smollm2_tokenizer: Any) -> None:
+    cfg = SftConfig(system_prompt="Answer tersely.")
+    without, with_own = eval_prompts(_eval_set([ROWS[0], ROWS[3]]), smollm2_tokenizer, cfg)
+    assert "Answer tersely." in without.prompt
+    assert without.prompt.count("<|im_start|>system") == 1
+    assert "Tell stories." in with_own.prompt
+    assert "Answer tersely." not in with_own.prompt
+    assert with_own.prompt.count("<|im_start|>system") == 1
+
+
+def test_eval_prompts_cap_and_skip_rows_without_a_prompt(smollm2_tokenizer: Any) -> None:
+    opening = [{"role": "assistant", "content": "Hi, I start."}]
+    rows = _eval_set([opening, ROWS[0], ROWS[1], ROWS[2]])
+    assert [p.origin for p in eval_prompts(rows, smollm2_tokenizer, SftConfig(num_generation_samples=3))] == [
+        "rows.jsonl:2",
+        "rows.jsonl:3",
+    ]
+    assert eval_prompts(rows, smollm2_tokenizer, SftConfig(num_generation_samples=0)) == []
+
+
+# --- training_kwargs ------------------------------------------------------------------------------------------------
+
+# Our field -> HF TrainingArguments name, where they differ.
+HF_NAMES = {"gradient_checkpointing": "activation_checkpointing"}
+
+
+def _non_default_method_config() -> SftConfig:
+    return SftConfig(
+        learning_rate=3e-4,
+        lr_scheduler_type=SchedulerType.cosine_with_min_lr,
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        max_grad_norm=0.5,
+        optim="sgd",
+        num_train_epochs=2.0,
+        max_steps=7,
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=5,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        eval_strategy=IntervalStrategy.epoch,
+        eval_steps=0.5,
+        eval_on_start=False,
+        save_strategy=IntervalStrategy.no,
+        save_steps=3,
+        save_total_limit=1,
+        logging_steps=2,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=1,
+        resume_from_checkpoint="/some/checkpoint-2",
+    )
+
+
+def test_training_kwargs_maps_every_shared_field_with_hf_names() -> None:
+    from trl import SFTConfig as TrlSFTConfig
+
+    cfg = _non_default_method_config()
+    kwargs = training_kwargs(cfg, output_dir="/tmp/out", seed=5, run_name="r")
+    shared = [f.name for f in fields(MethodConfig) if f.name != "name"]
+    for name in shared:
+        value = getattr(cfg, name)
+        expected = value.value if isinstance(value, IntervalStrategy | SchedulerType) else value
+        assert kwargs[HF_NAMES.get(name, name)] == expected, name
+    assert {"output_dir": "/tmp/out", "seed": 5, "run_name": "r"}.items() <= kwargs.items()
+    assert set(kwargs) == {HF_NAMES.get(n, n) for n in shared} | {"output_dir", "seed", "run_name", "use_cpu"}
+    args = TrlSFTConfig(**{**kwargs, "use_cpu": True})  # every name is one HF accepts, and the values survive
+    assert args.gradient_checkpointing is True
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert args.resume_from_checkpoint == "/some/checkpoint-2"
+    assert (args.learning_rate, args.per_device_train_batch_size, args.max_steps) == (3e-4, 3, 7)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "extra"),
+    [
+        (SchedulerType.cosine_with_min_lr, {"min_lr_rate": 0.1}),
+        (SchedulerType.warmup_stable_decay, {"num_decay_steps": 2}),
+    ],
+)
+def test_schedules_that_need_kwargs_get_them(schedule: SchedulerType, extra: dict[str, Any]) -> None:
+    from transformers import get_scheduler
+
+    kwargs = training_kwargs(
+        SftConfig(lr_scheduler_type=schedule, lr_scheduler_kwargs=extra), output_dir="o", seed=0, run_name="r"
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(
+        kwargs["lr_scheduler_type"],
+        optimizer,
+        num_warmup_steps=0,
+        num_training_steps=10,
+        scheduler_specific_kwargs=kwargs["lr_scheduler_kwargs"],
+    )
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] < 1.0
+
+
+def test_training_kwargs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kwargs = training_kwargs(SftConfig(bf16=None), output_dir="o", seed=0, run_name="r")
+    assert kwargs["bf16"] is False
+    assert kwargs["use_cpu"] is True
+    assert training_kwargs(SftConfig(bf16=True), output_dir="o", seed=0, run_name="r")["bf16"] is True
+
+
+def test_training_kwargs_auto_bf16_on_gpu_yields_to_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    auto = training_kwargs(SftConfig(), output_dir="o", seed=0, run_name="r")
+    assert (auto["bf16"], auto["use_cpu"]) == (True, False)
+    # HF rejects bf16 together with fp16, so automatic bf16 must step aside when fp16 is asked for.
+    assert training_kwargs(SftConfig(fp16=True), output_dir="o", seed=0, run_name="r")["bf16"] is False
+    assert common._auto_bf16(None, fp16=False) is True
+
+
+# --- a run on the tiny random Llama ---------------------------------------------------------------------------------
+
+
+def _assert_every_trainable_param_changed(box: Captured) -> None:
+    final = box.trainable()
+    assert final.keys() == box.initial.keys()
+    unchanged = [n for n in final if torch.equal(final[n], box.initial[n])]
+    assert not unchanged, unchanged
+
+
+def _assert_run_outputs(out: Path, metrics: dict[str, float]) -> None:
+    assert math.isfinite(metrics["train_loss"])
+    assert math.isfinite(metrics["eval_loss"])
+    assert "eval_exact_match" in metrics
+    logs = _logs(out)
+    assert any("loss" in e for e in logs)
+    assert any("eval_loss" in e for e in logs)
+    files = sorted((out / "generations").glob("step_*.jsonl"))
+    assert files
+    rows = [json.loads(line) for line in files[-1].read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row) == {"origin", "prompt", "reference", "generation"}
+        assert "sft_test.jsonl:" in row["origin"]  # eval rows, with file:line
+        assert row["prompt"].rstrip().endswith("assistant")
+
+
+def test_run_full_fine_tune(compose: Any, tmp_path: Path, captured: Captured) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    metrics = _run(compose, out, [*TINY, "method.max_steps=3", "method.eval_steps=2", "method.learning_rate=1e-3"])
+    _assert_run_outputs(out, metrics)
+    assert {f.name for f in (out / "generations").iterdir()} == {f"step_{s:06d}.jsonl" for s in (0, 2, 3)}
+    _assert_every_trainable_param_changed(captured)
+    saved = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    for name, param in captured.model.named_parameters():
+        assert torch.equal(saved[name], param.detach()), name
+
+
+def test_run_lora_trains_only_adapters(compose: Any, tmp_path: Path, captured: Captured) -> None:
+    out = tmp_path / "run"
+    overrides = [*TINY, "model.lora.enabled=true", "method.max_steps=3", "method.learning_rate=1e-3"]
+    metrics = _run(compose, out, overrides)
+    _assert_run_outputs(out, metrics)
+    assert captured.initial
+    assert all("lora_" in n for n in captured.initial)
+    _assert_every_trainable_param_changed(captured)
+    assert captured.frozen
+    for name, param in captured.model.named_parameters():
+        if name in captured.frozen:
+            assert torch.equal(param.detach(), captured.frozen[name]), name
+    assert (out / "model" / "adapter_config.json").is_file()
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    assert not (out / "model" / "model.safetensors").exists()
+
+
+def test_train_loss_is_finite_with_packing_and_padding_free(compose: Any, tmp_path: Path) -> None:
+    for flag in ("method.packing=true", "method.padding_free=true"):
+        out = tmp_path / flag.split(".")[1].split("=")[0]
+        overrides = [*TINY, flag, "method.max_steps=2", "method.eval_on_start=false", "method.max_length=256"]
+        metrics = _run(compose, out, overrides)
+        assert math.isfinite(metrics["train_loss"]), flag
+        assert math.isfinite(metrics["eval_loss"]), flag
+        assert [e["step"] for e in _logs(out) if "loss" in e] == [1, 2], flag
+
+
+# --- invariants -----------------------------------------------------------------------------------------------------
+
+
+def _one_step(compose: Any, out: Path, rows_file: Path, box: Captured, overrides: list[str]) -> dict[str, Any]:
+    _run(compose, out, [*ONE_SGD_STEP, *_data(rows_file), *overrides])
+    (logged,) = [e for e in _logs(out) if "loss" in e]
+    return {"params": box.trainable(), "loss": logged["loss"], "grad_norm": logged["grad_norm"]}
+
+
+def _expected_loss_tokens(tokenizer: Any) -> int:
+    """Loss tokens of ROWS as the causal shift sees them: labels ``[1:]`` that are not -100.
+
+    tiny_random carries SmolLM2's tokenizer, so the session's SmolLM2 tokenizer fixture gives the same ids.
+    """
+    return sum(
+        sum(label != -100 for label in tokenize_conversation(tokenizer, m, ["assistant"], 512).labels[1:]) for m in ROWS
+    )
+
+
+def test_grad_accumulation_1x4_equals_4x1(
+    compose: Any,
+    tmp_path: Path,
+    rows_file: Path,
+    captured: Captured,
+    loss_token_counts: list[int],
+    smollm2_tokenizer: Any,
+) -> None:
+    """One SGD step: four micro-batches of one conversation each ≡ one micro-batch of all four.
+
+    The rows differ in trained length, so only a loss normalised by the tokens of the whole accumulation window
+    (HF ``num_items_in_batch``) makes the two agree; a per-micro-batch mean would weight the 2-token answer
+    as much as the 22-token one.
+    """
+    micro = _one_step(
+        compose,
+        tmp_path / "1x4",
+        rows_file,
+        captured,
+        ["method.per_device_train_batch_size=1", "method.gradient_accumulation_steps=4"],
+    )
+    # One count per micro-batch, each the total of the whole window.
+    assert loss_token_counts == [_expected_loss_tokens(smollm2_tokenizer)] * 4
+    initial = captured.initial
+    whole = _one_step(
+        compose,
+        tmp_path / "4x1",
+        rows_file,
+        captured,
+        ["method.per_device_train_batch_size=4", "method.gradient_accumulation_steps=1"],
+    )
+    assert captured.initial.keys() == initial.keys()
+    assert all(torch.equal(initial[n], captured.initial[n]) for n in initial)  # same starting point
+    assert loss_token_counts[-1] == loss_token_counts[0]
+    assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+    assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    _assert_params_close(micro["params"], whole["params"], atol=1e-5)
+    assert any(not torch.equal(whole["params"][n], initial[n]) for n in initial)  # the step did move them
+
+
+@pytest.mark.parametrize("flag", ["method.packing=true", "method.padding_free=true"])
+def test_packing_and_padding_free_keep_every_loss_token(
+    compose: Any,
+    tmp_path: Path,
+    rows_file: Path,
+    captured: Captured,
+    loss_token_counts: list[int],
+    smollm2_tokenizer: Any,
+    flag: str,
+) -> None:
+    """One SGD step on the four rows packed (or concatenated padding-free) ≡ the same step on a padded batch.
+
+    Same loss-token count (no label lost at sequence boundaries), same loss and same update (attention does
+    not cross sequence boundaries, thanks to per-sequence position ids).
+    """
+    padded = _one_step(compose, tmp_path / "padded", rows_file, captured, ["method.per_device_train_batch_size=4"])
+    packed = _one_step(
+        compose, tmp_path / "packed", rows_file, captured, ["method.per_device_train_batch_size=4", flag]
+    )
+    assert loss_token_counts == [_expected_loss_tokens(smollm2_tokenizer)] * 2
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+    _assert_params_close(packed["params"], padded["params"], atol=1e-5)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(compose: Any, tmp_path: Path, captured: Captured) -> None:
+    """AdamW, 4 steps, checkpoint every 2: resuming from checkpoint-2 ends at the uninterrupted run's weights."""
+    overrides = [
+        *TINY,
+        "method.max_steps=4",
+        "method.save_steps=2",
+        "method.learning_rate=1e-3",
+        "method.warmup_steps=1",
+        "method.eval_strategy=no",
+    ]
+    full_dir = tmp_path / "full"
+    _run(compose, full_dir, overrides)
+    full = captured.trainable()
+    checkpoint = full_dir / "checkpoints" / "checkpoint-2"
+    assert checkpoint.is_dir()
+
+    resumed_dir = tmp_path / "resumed"
+    _run(compose, resumed_dir, [*overrides, f"method.resume_from_checkpoint='{checkpoint}'"])
+    assert [e["step"] for e in _logs(resumed_dir) if "loss" in e] == [3, 4]  # it really started at step 2
+    assert not any("eval_loss" in e for e in _logs(full_dir))  # eval_strategy=no: no evaluation, not even at the end
+    full_losses = {e["step"]: e["loss"] for e in _logs(full_dir) if "loss" in e}
+    for entry in (e for e in _logs(resumed_dir) if "loss" in e):
+        assert entry["loss"] == pytest.approx(full_losses[entry["step"]], abs=1e-6)
+    _assert_params_close(captured.trainable(), full, atol=1e-6)
+    assert not torch.equal(captured.trainable()["model.norm.weight"], captured.initial["model.norm.weight"])
+
+
+# --- learning check on the real model -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_training_loss_falls(compose: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    overrides = [
+        "model=smollm2_135m",
+        "logger=none",
+        "method.max_steps=10",
+        "method.per_device_train_batch_size=4",
+        "method.per_device_eval_batch_size=8",
+        "method.learning_rate=1e-4",
+        "method.logging_steps=1",
+        "method.eval_on_start=false",
+        "method.eval_steps=10",
+        "method.save_strategy=no",
+        "method.num_generation_samples=2",
+        "method.max_new_tokens=16",
+        "data.max_eval_samples=8",
+    ]
+    metrics = _run(compose, out, overrides)
+    losses = [e["loss"] for e in _logs(out) if "loss" in e]
+    assert len(losses) == 10
+    assert all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first, losses
+    assert math.isfinite(metrics["eval_loss"])

@@ -1,0 +1,191 @@
+"""The real ``launch.py`` in a subprocess: printing the config, failing early on bad input, and a local sweep.
+
+Every launch runs from ``tmp_path``, so Hydra's ``outputs/`` and ``multirun/`` land there. The environment is the
+offline one from ``conftest.py``: a run that tried to download a hub model would fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.methods import METHODS
+from alignment.models.config import Dtype
+from tests.conftest import ROOT, launch
+
+# A config check loads no model and no data: well under a minute even on a busy 2-core machine.
+QUICK_S = 120
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"{result.stdout}\n{result.stderr}"
+
+
+def _written(tmp_path: Path, name: str) -> list[Path]:
+    return sorted(tmp_path.rglob(name))
+
+
+def test_print_config_loads_nothing(tmp_path: Path) -> None:
+    """``--cfg job`` prints the composed, typed config of an 8B run and exits 0 without a download or a run dir."""
+    result = launch(["method=sft", "model=llama8b", "data=smoltalk_mix", "--cfg", "job"], cwd=tmp_path, timeout=QUICK_S)
+    assert result.returncode == 0, _output(result)
+    # transformers prints "[INFO] Running in WANDB offline mode" on import when WANDB_MODE=offline (conftest).
+    start = re.search(r"^model:$", result.stdout, re.MULTILINE)
+    assert start is not None, result.stdout
+    printed = yaml.safe_load(result.stdout[start.start() :])
+    assert set(printed) == {"model", "method", "data", "distributed", "logger", "seed"}
+    assert printed["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert printed["method"]["name"] == "sft"
+    assert [s["path"] for s in printed["data"]["sources"]] == ["HuggingFaceTB/smoltalk"] * 2
+    assert "learning_rate" in printed["method"]  # schema defaults are filled in, not only the YAML's keys
+    assert list(tmp_path.iterdir()) == [], "printing the config must not create outputs/ or anything else"
+
+
+def test_unknown_method_lists_the_available_ones(tmp_path: Path) -> None:
+    result = launch(["method=nonexistent"], cwd=tmp_path, timeout=QUICK_S)
+    out = _output(result)
+    assert result.returncode != 0
+    assert "method/nonexistent" in out
+    listed = re.search(r"Available options in 'method':\n((?:\t.*\n)+)", out)
+    assert listed is not None, out
+    assert set(listed.group(1).split()) == {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    assert set(METHODS) <= set(listed.group(1).split())
+    assert _written(tmp_path, "config.yaml") == []
+
+
+def test_wrong_type_names_the_key_and_the_type(tmp_path: Path) -> None:
+    result = launch(["method.learning_rate=abc"], cwd=tmp_path, timeout=QUICK_S)
+    out = _output(result)
+    assert result.returncode != 0
+    assert "method.learning_rate" in out
+    assert "Float" in out
+    assert "'abc'" in out
+    assert _written(tmp_path, "config.yaml") == []
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("method.foo=1", "method.foo"),
+        ("+method.foo=1", "method.foo"),
+        ("+model.lora.foo=1", "model.lora.foo"),
+        ("+foo=1", "foo"),
+    ],
+)
+def test_unknown_key_is_rejected_before_the_run(tmp_path: Path, override: str, key: str) -> None:
+    """Plain overrides fail in Hydra; ``+``/``++`` ones pass Hydra and must fail in ``to_run_config``."""
+    result = launch(["model=tiny_random", override], cwd=tmp_path, timeout=QUICK_S)
+    out = _output(result)
+    assert result.returncode != 0
+    assert re.search(rf"(full_key: {re.escape(key)}\b|unknown config key '{re.escape(key)}')", out), out
+    assert _written(tmp_path, "config.yaml") == [], "the run started before the key was rejected"
+
+
+def test_bad_enum_value_names_the_allowed_values(tmp_path: Path) -> None:
+    result = launch(["model.dtype=float64"], cwd=tmp_path, timeout=QUICK_S)
+    out = _output(result)
+    assert result.returncode != 0
+    assert "model.dtype" in out
+    assert "'float64'" in out
+    listed = re.search(r"expected one of \[([^\]]*)\]", out)
+    assert listed is not None, out
+    assert [v.strip() for v in listed.group(1).split(",")] == [d.value for d in Dtype]
+
+
+SWEEP = [
+    "-m",
+    "model=tiny_random",
+    "method.learning_rate=1e-4,2e-4",
+    "method.max_steps=2",
+    "method.eval_steps=2",
+    "method.save_strategy=no",
+    "method.num_generation_samples=2",
+    "logger=none",
+    "data.max_eval_samples=8",
+]
+
+
+def _job_dirs(tmp_path: Path) -> list[Path]:
+    """``multirun/<date>/<time>/<job>`` folders; exactly one sweep is expected."""
+    sweeps = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
+    assert len(sweeps) == 1, sweeps
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", sweeps[0].relative_to(tmp_path / "multirun").as_posix())
+    return sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+def test_local_sweep_writes_one_complete_run_dir_per_job(tmp_path: Path) -> None:
+    """Two 2-step SFT jobs of the tiny model: each has its config, environment, metrics, results and model."""
+    result = launch(SWEEP, cwd=tmp_path)
+    assert result.returncode == 0, _output(result)[-4000:]
+    jobs = _job_dirs(tmp_path)
+    assert [job.name for job in jobs] == ["0", "1"]
+    for job, learning_rate in zip(jobs, [1e-4, 2e-4], strict=True):
+        config = yaml.safe_load((job / "config.yaml").read_text(encoding="utf-8"))
+        assert config["method"]["learning_rate"] == pytest.approx(learning_rate)
+        assert config["method"]["max_steps"] == 2
+        assert config["model"]["name_or_path"] == "embedded:tiny-random-llama"
+        environment = json.loads((job / "environment.json").read_text(encoding="utf-8"))
+        assert any(arg.startswith("method.learning_rate=") for arg in environment["command"])
+        metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert max(m["step"] for m in metrics) == 2
+        assert any("eval_loss" in m for m in metrics)
+        results = json.loads((job / "results.json").read_text(encoding="utf-8"))
+        assert math.isfinite(results["train_loss"])
+        assert math.isfinite(results["eval_loss"])
+        assert (job / "model" / "config.json").is_file()
+        assert list((job / "model").glob("*.safetensors"))
+        assert not list(job.glob("checkpoints/checkpoint-*")), "save_strategy=no wrote a checkpoint"
+
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+USER, ASSISTANT = GOOD_ROW["messages"]
+
+
+def _launch_on(tmp_path: Path, lines: list[str]) -> tuple[Path, str]:
+    """Train the tiny model on a JSONL file made of ``lines``; assert it failed before writing anything trained."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    result = launch(["model=tiny_random", "logger=none", f"data.sources=[{{path: '{data}'}}]"], cwd=tmp_path)
+    out = _output(result)
+    assert result.returncode != 0
+    assert "Error merging override" not in out, "the override itself was rejected; the data was never read"
+    for name in ("model", "checkpoints", "results.json", "metrics.jsonl"):
+        assert _written(tmp_path, name) == [], f"{name} written although the data was invalid"
+    return data, out
+
+
+def test_malformed_json_line_fails_before_training(tmp_path: Path) -> None:
+    """The line and the JSON column of the syntax error are named."""
+    data, out = _launch_on(tmp_path, [json.dumps(GOOD_ROW), '{"messages": [{"role": "user", ', json.dumps(GOOD_ROW)])
+    assert re.search(rf"{re.escape(str(data))}:2:\d+: malformed JSON", out), out[-4000:]
+
+
+def test_every_bad_row_is_named_before_training(tmp_path: Path) -> None:
+    """Each bad row is reported as ``file:line``, with the column (and the element inside it) and the reason."""
+    lines = [
+        json.dumps(GOOD_ROW),
+        json.dumps({"conversation": [USER, ASSISTANT]}),
+        json.dumps({"messages": [{"role": "bot", "content": "hi"}, ASSISTANT]}),
+        json.dumps({"messages": [USER, {"role": "assistant", "content": 2}]}),
+        json.dumps(GOOD_ROW),
+    ]
+    data, out = _launch_on(tmp_path, lines)
+    expected = {
+        2: ["missing column 'messages'", "conversation"],
+        3: ["column 'messages'[0].role", "unknown role 'bot'"],
+        4: ["column 'messages'[1].content", "expected a string"],
+    }
+    for number, fragments in expected.items():
+        located = [line for line in out.splitlines() if f"{data}:{number}: " in line]
+        assert located, (number, out[-4000:])
+        for fragment in fragments:
+            assert any(fragment in line for line in located), (fragment, located)
+    assert f"{data}:1:" not in out
+    assert f"{data}:5:" not in out
