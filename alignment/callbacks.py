@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,9 @@ from transformers import (
 )
 
 from alignment.context import RunContext
+from alignment.data.chat_template import EvalPrompt
 from alignment.inference.generate import generate
 from alignment.loggers import LoggerConfig, log_samples
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    """A rendered prompt from the eval split, its reference answer and where the row came from."""
-
-    origin: str
-    prompt: str
-    reference: str
 
 
 class SampleGenerationCallback(TrainerCallback):
@@ -82,3 +73,25 @@ class SampleGenerationCallback(TrainerCallback):
         log_samples(self.logger, self.ctx, rows, state.global_step)
         if self.trainer is not None:
             self.trainer.log({"eval_exact_match": exact})
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every logged metrics dict, with step and epoch, to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write one JSON line per log event."""
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -14,10 +14,9 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from omegaconf import MISSING
 
 from alignment.context import RunContext
 
@@ -38,7 +37,7 @@ class LoggerBackend(StrEnum):
 class LoggerConfig:
     """Metric and sample logging."""
 
-    backend: LoggerBackend = LoggerBackend.console
+    backend: LoggerBackend = MISSING
     """Tracker to send metrics and sample generations to."""
     project: str = "effective-alignment"
     """W&B / ClearML project."""
@@ -74,9 +73,36 @@ def _open_wandb(cfg: LoggerConfig, run: RunContext, config: dict[str, Any]) -> N
         group=run.group,
         tags=list(cfg.tags) or None,
         dir=str(run.output_dir),
-        mode="offline" if cfg.offline else "online",
+        # None leaves the mode to wandb (WANDB_MODE=offline/disabled in the environment wins over "online").
+        mode="offline" if cfg.offline else None,
         config=config,
     )
+
+
+# Every framework binding off, and repository detection too (a bare ``False`` leaves detection on; a key missing
+# from the dict means True, so all are listed). Detection runs ``git`` from a thread while ClearML forks its
+# reporting subprocess; seen in tests after a model load: the thread stuck inside ``Popen`` and ``task.close()``
+# waiting its full 300 s for it. The run's environment.json records the git revision instead.
+_CLEARML_NO_AUTO_CONNECT = dict.fromkeys(
+    (
+        "detect_repository",
+        "hydra",
+        "pytorch",
+        "tensorboard",
+        "tensorflow",
+        "tfdefines",
+        "matplotlib",
+        "scikit",
+        "joblib",
+        "xgboost",
+        "catboost",
+        "lightgbm",
+        "fastai",
+        "megengine",
+        "gradio",
+    ),
+    False,
+)
 
 
 def _open_clearml(cfg: LoggerConfig, run: RunContext, config: dict[str, Any]) -> None:
@@ -88,15 +114,19 @@ def _open_clearml(cfg: LoggerConfig, run: RunContext, config: dict[str, Any]) ->
         project_name=f"{cfg.project}/{run.group}" if run.group else cfg.project,
         task_name=run.name,
         tags=list(cfg.tags) or None,
-        auto_connect_frameworks=False,
+        auto_connect_frameworks=_CLEARML_NO_AUTO_CONNECT,
         auto_connect_arg_parser=False,
         reuse_last_task_id=False,
     )
     task.connect_configuration(config, name="resolved config")
 
 
+_TENSORBOARD_DIR_ENV = "TENSORBOARD_LOGGING_DIR"
+
+
 def _open_tensorboard(cfg: LoggerConfig, run: RunContext, config: dict[str, Any]) -> None:
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.output_dir / "tensorboard")
+    # HF's TensorBoardCallback reads the folder from this variable when the Trainer is built.
+    os.environ[_TENSORBOARD_DIR_ENV] = str(run.output_dir / "tensorboard")
 
 
 _OPENERS: dict[LoggerBackend, Callable[[LoggerConfig, RunContext, dict[str, Any]], None]] = {
@@ -113,19 +143,24 @@ def open_trackers(cfg: LoggerConfig, run: RunContext, config: dict[str, Any]) ->
         opener(cfg, run, config)
 
 
-def close_trackers(cfg: LoggerConfig) -> None:
-    """Finish the W&B run / close the ClearML task; safe to call when nothing was opened."""
+def close_trackers(cfg: LoggerConfig, *, failed: bool = False) -> None:
+    """Finish the W&B run / close the ClearML task (marked failed when the run raised); safe when none is open."""
     if cfg.backend is LoggerBackend.wandb:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)
     elif cfg.backend is LoggerBackend.clearml:
         from clearml import Task
 
         task = Task.current_task()
         if task is not None:
+            if failed:
+                task.mark_failed(status_reason="run raised an exception", force=True)
             task.close()
+    elif cfg.backend is LoggerBackend.tensorboard:
+        # A later run in the same process (a test, a notebook) must not write into this run's folder.
+        os.environ.pop(_TENSORBOARD_DIR_ENV, None)
 
 
 def log_samples(cfg: LoggerConfig, run: RunContext, rows: Sequence[dict[str, Any]], step: int) -> None:
@@ -161,25 +196,3 @@ def log_samples(cfg: LoggerConfig, run: RunContext, rows: Sequence[dict[str, Any
 
 def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", "<br>")
-
-
-class MetricsJsonlCallback(TrainerCallback):
-    """Append every logged metrics dict, with step and epoch, to ``metrics.jsonl`` (main process only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Write one JSON line per log event."""
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")

@@ -30,8 +30,22 @@ from alignment.methods import METHODS
 log = logging.getLogger(__name__)
 
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|access_?token|auth_?token|hf_?token|^token$)", re.I)
-_SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|github_pat_|xox[bp]-)[A-Za-z0-9_\-]{8,}")
+# Keys whose value is a credential. ``*_token`` is one (hub_token, hf_token, access_token) unless it names a
+# tokenizer special token, whose value is a vocabulary entry such as ``<|im_end|>``.
+_SECRET_KEY = re.compile(
+    r"api[_-]?key|access[_-]?key|secret|passw(or)?d|passphrase|private[_-]?key|credential|authorization|bearer"
+    r"|(^|[_-])token$",
+    re.IGNORECASE,
+)
+_SPECIAL_TOKEN_KEYS = frozenset(
+    {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+)
+# Credential formats with a recognisable prefix (OpenAI/Anthropic, Hugging Face, GitHub, Slack), found anywhere in a
+# value, so a token inside a URL is hidden too. The length floors keep paths like ``hf_cache/model`` visible.
+_SECRET_VALUE = re.compile(
+    r"(?<![A-Za-z0-9])(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{16,}"
+    r"|github_pat_[A-Za-z0-9_]{16,}|xox[abposr]-[A-Za-z0-9\-]{10,})"
+)
 _PACKAGES = (
     "effective-alignment",
     "torch",
@@ -48,23 +62,44 @@ _PACKAGES = (
 )
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a credential (``api_key``, ``hub_token``…; not ``pad_token``)."""
+    return key.lower() not in _SPECIAL_TOKEN_KEYS and _SECRET_KEY.search(key) is not None
+
+
 def redact(value: Any, key: str = "") -> Any:
-    """Copy of a config tree with secret-looking keys and values replaced by ``***``."""
+    """Copy of a config tree: values under secret-looking keys become ``***``, credentials inside strings too."""
+    if value is not None and is_secret_key(key):
+        return REDACTED
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value is not None and _SECRET_KEY.search(key):
-        return REDACTED
-    if isinstance(value, str) and _SECRET_VALUE.match(value):
-        return REDACTED
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(REDACTED, value)
     return value
 
 
 def redact_override(override: str) -> str:
-    """``key=value`` with the value hidden when the key or value looks secret."""
+    """A Hydra override ``[+~]key=value`` with the value hidden when the key looks secret, credentials otherwise."""
     key, sep, value = override.partition("=")
-    return f"{key}{sep}{REDACTED}" if sep and redact(value, key.rsplit(".", 1)[-1]) == REDACTED else override
+    if not sep:
+        return override
+    if is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]):
+        return f"{key}{sep}{REDACTED}"
+    return f"{key}{sep}{_SECRET_VALUE.sub(REDACTED, value)}"
+
+
+def redact_dirname(dirname: str, overrides: list[str], kv_sep: str = "=") -> str:
+    """Hydra's ``override_dirname`` (the sweep job's tracker name) with each override in it redacted.
+
+    Hydra joins the raw override lines and swaps every ``=`` for ``kv_sep``, so secrets would reach W&B/ClearML.
+    """
+    for override in overrides:
+        redacted = redact_override(override)
+        if redacted != override:
+            dirname = dirname.replace(override.replace("=", kv_sep), redacted.replace("=", kv_sep))
+    return dirname
 
 
 def context_from_hydra() -> RunContext:
@@ -73,7 +108,10 @@ def context_from_hydra() -> RunContext:
     output_dir = Path(hydra.runtime.output_dir)
     if hydra.mode == RunMode.MULTIRUN:
         group = "_".join(Path(hydra.sweep.dir).parts[-2:])
-        name = hydra.job.override_dirname or f"job{hydra.job.num}"
+        dirname = redact_dirname(
+            hydra.job.override_dirname, list(hydra.overrides.task), hydra.job.config.override_dirname.kv_sep
+        )
+        name = dirname or f"job{hydra.job.num}"
         return RunContext(output_dir, f"{group}/{name}", group)
     return RunContext(output_dir, "_".join(output_dir.parts[-2:]), None)
 
@@ -116,19 +154,36 @@ def write_run_files(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> di
     return plain
 
 
+def redact_sweep_file(sweep_dir: Path) -> None:
+    """Rewrite Hydra's ``multirun.yaml`` (written verbatim by the sweeper) with secrets redacted."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return
+    data = redact(OmegaConf.to_container(OmegaConf.load(path)))
+    overrides = data.get("hydra", {}).get("overrides", {})
+    for kind in ("task", "hydra"):
+        overrides[kind] = [redact_override(o) for o in overrides.get(kind) or []]
+    path.write_text(OmegaConf.to_yaml(data), encoding="utf-8")
+
+
 def run(cfg: RunConfig) -> dict[str, float]:
     """Run the configured method in the current Hydra job; trackers are closed even when it fails."""
     from transformers import set_seed
 
+    hydra = HydraConfig.get()
     ctx = context_from_hydra()
-    plain = write_run_files(cfg, ctx, list(HydraConfig.get().overrides.task))
+    if hydra.mode == RunMode.MULTIRUN:
+        redact_sweep_file(Path(hydra.sweep.dir))
+    plain = write_run_files(cfg, ctx, list(hydra.overrides.task))
     log.info("run directory: %s", ctx.output_dir)
     set_seed(cfg.seed)
     open_trackers(cfg.logger, ctx, plain)
+    failed = True
     try:
         metrics = METHODS[cfg.method.name].run(cfg, ctx)
+        failed = False
     finally:
-        close_trackers(cfg.logger)
+        close_trackers(cfg.logger, failed=failed)
     (ctx.output_dir / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     log.info("final metrics: %s", json.dumps(metrics))
     return metrics

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from alignment.config import RunConfig, register_configs, to_run_config
 from alignment.data.config import DataConfig, SourceConfig
 from alignment.distributed import DistributedConfig
-from alignment.loggers import LoggerConfig
+from alignment.loggers import LoggerBackend, LoggerConfig
 from alignment.methods import METHODS
 from alignment.models.config import ModelConfig
 
@@ -129,7 +129,7 @@ def test_type_check_can_fail() -> None:
         method=METHODS["sft"].schema(learning_rate=1, save_steps=500.0, logging_steps=10.0),
         data=data,
         distributed=DistributedConfig(),
-        logger=LoggerConfig(),
+        logger=LoggerConfig(backend=LoggerBackend.console),
     )
     assert sorted(e.split(":")[0] for e in _type_errors(run, "cfg")) == [
         "cfg.data.sources[0].columns",

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
 IGNORE_INDEX = -100
@@ -27,6 +28,15 @@ _PROBE = "\x00content-probe\x00"
 
 class ChatTemplateError(ValueError):
     """The chat template cannot be used to locate message spans."""
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """A rendered prompt from the eval split, its reference answer and where the row came from."""
+
+    origin: str
+    prompt: str
+    reference: str
 
 
 @dataclass

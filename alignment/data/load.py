@@ -16,9 +16,8 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from alignment.data.config import JSON_SUFFIXES, SourceConfig
-from alignment.data.validate import DataError, RowValidator, check_rows
+from alignment.data.validate import ORIGIN, DataError, RowValidator, check_rows
 
-ORIGIN = "_origin"
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_DIR = Path(__file__).parent / "demo"
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+ORIGIN = "_origin"
+"""Column added on load: ``file:line`` or ``name[split] row N`` of each row, for error messages and samples."""
 RowValidator = Callable[[Mapping[str, Any]], list[str]]
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED = 20

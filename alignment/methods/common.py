@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import torch
 from omegaconf import MISSING
 
 
@@ -75,11 +74,11 @@ class MethodConfig:
     """Evaluate before the first step, so every run records a before/after."""
     save_strategy: IntervalStrategy = IntervalStrategy.steps
     """When to write a resumable checkpoint."""
-    save_steps: float = 500
+    save_steps: float = 500.0
     """Steps between checkpoints (a float < 1 is a fraction of all steps)."""
     save_total_limit: int | None = 2
     """Keep at most this many checkpoints (oldest deleted first)."""
-    logging_steps: float = 10
+    logging_steps: float = 10.0
     """Steps between metric logs."""
     bf16: bool | None = None
     """bf16 mixed precision; None turns it on only on a CUDA device with bf16 support when fp16 is off (never on
@@ -97,7 +96,15 @@ def _auto_bf16(flag: bool | None, *, fp16: bool) -> bool:
     if flag is not None:
         return flag
     # HF rejects bf16 and fp16 together, so an explicit fp16 wins over the automatic choice.
+    import torch
+
     return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: str) -> dict[str, Any]:
@@ -129,7 +136,7 @@ def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: 
         "logging_steps": cfg.logging_steps,
         "bf16": _auto_bf16(cfg.bf16, fp16=cfg.fp16),
         "fp16": cfg.fp16,
-        "use_cpu": not torch.cuda.is_available(),
+        "use_cpu": not _cuda(),
         "dataloader_num_workers": cfg.dataloader_num_workers,
         "resume_from_checkpoint": cfg.resume_from_checkpoint,
     }

@@ -21,19 +21,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
-
-from alignment.callbacks import EvalPrompt, SampleGenerationCallback
-from alignment.data.chat_template import prepare_messages, render, tokenize_conversation
-from alignment.data.load import ORIGIN
-from alignment.data.mix import build_splits
-from alignment.data.validate import ROLES, message_list_problems, require_columns
-from alignment.loggers import MetricsJsonlCallback, report_to
+from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
+from alignment.data.validate import ORIGIN, ROLES, message_list_problems, require_columns
 from alignment.methods.common import MethodConfig, training_kwargs
-from alignment.models.load import load_model, load_tokenizer
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
     from alignment.config import RunConfig
     from alignment.context import RunContext
 
@@ -141,8 +136,14 @@ def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     """Validate and tokenise the data, load the model, train, save the model/adapter; return final metrics."""
+    # Training-only imports stay here so composing a config (``--cfg job``, ``--help``) imports no ML stack.
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
+
+    from alignment.callbacks import MetricsJsonlCallback, SampleGenerationCallback
+    from alignment.data.mix import build_splits
+    from alignment.loggers import report_to
+    from alignment.models.load import load_model, load_tokenizer
 
     method = cfg.method
     assert isinstance(method, SftConfig)

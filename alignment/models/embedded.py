@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,11 +98,25 @@ def resolve(name_or_path: str) -> str:
     if name not in _BUILDERS:
         raise EmbeddedModelError(f"unknown embedded model {name!r}; available: {', '.join(sorted(_BUILDERS))}")
     out = cache_dir() / "models" / name
-    if (out / "config.json").exists():
-        return str(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _BUILDERS[name](tmp)
-    tmp.rename(out)  # atomic: a crash mid-build never leaves a half folder that looks complete
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.json").exists():
+        _build_atomically(name, out)
     return str(out)
+
+
+def _build_atomically(name: str, out: Path) -> None:
+    # Each process builds into its own temporary folder and renames it into place, so a crash never leaves a
+    # half folder that looks complete, and parallel jobs (a submitit sweep's first run) never share one.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".partial", dir=out.parent))
+    try:
+        _BUILDERS[name](tmp)
+        if out.exists() and not (out / "config.json").exists():
+            shutil.rmtree(out)  # left by an interrupted manual copy; it would block the rename
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+            log.info("%s was built concurrently by another process; using that copy", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,9 @@ from alignment.models.config import Dtype, LoraConfig, ModelConfig, Quantization
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {Dtype.float32: torch.float32, Dtype.bfloat16: torch.bfloat16, Dtype.float16: torch.float16}
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token")
+# A purely numeric name segment (a ModuleList index), nested ones included: experts.3.1.w -> experts.X.X.w.
+_LAYER_INDEX = re.compile(r"(^|\.)\d+(?=\.)")
 
 
 def resolve_dtype(dtype: Dtype) -> torch.dtype:
@@ -34,10 +37,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         embedded.resolve(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
-    for attr in ("bos_token", "eos_token", "pad_token"):
-        value = getattr(cfg, attr)
-        if value is not None and getattr(tokenizer, attr) != value:
-            setattr(tokenizer, attr, value)
+    # add_special_tokens, not setattr: a token missing from the vocabulary is added (setattr would map it to the
+    # unk id), and an unset override leaves the tokenizer's own token alone.
+    overrides = {attr: value for attr in _SPECIAL_TOKENS if (value := getattr(cfg, attr)) is not None}
+    if overrides:
+        tokenizer.add_special_tokens(overrides)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.chat_template is not None and (tokenizer.chat_template is None or cfg.force_chat_template):
@@ -71,14 +75,31 @@ def _quantization_kwargs(cfg: QuantizationConfig) -> dict[str, Any]:
     }
 
 
-def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> None:
+    """Resize the embeddings to the tokenizer and copy its special-token ids into the model's configs.
+
+    The pad id always follows the tokenizer, since that is what batches are padded with (sequence-classification
+    heads find the last token through it). bos/eos follow the tokenizer only when overridden or missing: a
+    checkpoint's own ids may list several stop tokens (Llama 3's ``generation_config.eos_token_id``).
+    """
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # type: ignore[index]
         model.resize_token_embeddings(len(tokenizer))
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, attr)
-        setattr(model.config, attr, value)
-        if model.generation_config is not None:
-            setattr(model.generation_config, attr, value)
+    for attr in _SPECIAL_TOKENS:
+        token_id = getattr(tokenizer, f"{attr}_id")
+        overridden = attr == "pad_token" or getattr(cfg, attr) is not None
+        for target in (model.config, model.generation_config):
+            if target is not None and (overridden or getattr(target, f"{attr}_id", None) is None):
+                setattr(target, f"{attr}_id", token_id)
+
+
+def _touches_tied_embeddings(model: PreTrainedModel, cfg: LoraConfig) -> bool:
+    """Whether the adapter trains (a copy of) an embedding matrix that is tied to the LM head."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    tied = {model.get_input_embeddings(), model.get_output_embeddings()}  # type: ignore[no-untyped-call]
+    names = [name for name, module in model.named_modules() if module in tied]
+    wanted = [*cfg.modules_to_save, *(t for t in cfg.target_modules if t != "all-linear")]
+    return any(name == w or name.endswith("." + w) for name in names for w in wanted)
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
@@ -99,6 +120,9 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
         use_rslora=cfg.use_rslora,
         task_type=cfg.task_type.value,
         bias="none",
+        # A trained copy of a tied embedding must stay tied to the LM head, or the output rows of added tokens
+        # never train and merging the adapter unties the model.
+        ensure_weight_tying=_touches_tied_embeddings(model, cfg),
     )
     return get_peft_model(model, peft_cfg)  # type: ignore[no-any-return]
 
@@ -121,7 +145,16 @@ def unfreeze_by_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Load the causal LM, resize for added tokens, then apply LoRA or layer unfreezing."""
+    """Load the causal LM, resize for added tokens, then apply LoRA or layer unfreezing.
+
+    Raises:
+        ValueError: quantised loading without LoRA (quantised weights cannot be trained in full).
+    """
+    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+    if quantized and not cfg.lora.enabled:
+        raise ValueError(
+            "model.quantization needs model.lora.enabled=true: quantised weights only train through adapters"
+        )
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         embedded.resolve(cfg.name_or_path),
         revision=cfg.revision,
@@ -130,7 +163,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         trust_remote_code=cfg.trust_remote_code,
         **_quantization_kwargs(cfg.quantization),
     )
-    _sync_special_tokens(model, tokenizer)
+    _sync_special_tokens(model, tokenizer, cfg)
     if cfg.lora.enabled:
         if cfg.unfreeze_layers_patterns:
             log.warning("model.unfreeze_layers_patterns is ignored with LoRA: only adapters train")
@@ -145,7 +178,7 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Trainable and total parameter counts per module group, layer indices folded to ``X``."""
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, param in model.named_parameters():
-        key = re.sub(r"\.\d+\.", ".X.", name)
+        key = _LAYER_INDEX.sub(r"\1X", name)
         groups[key][0] += param.numel() if param.requires_grad else 0
         groups[key][1] += param.numel()
     return {key: (trainable, total) for key, (trainable, total) in groups.items()}

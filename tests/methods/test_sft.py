@@ -18,6 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+import alignment.models.load as model_loading
 from alignment.config import to_run_config
 from alignment.context import RunContext
 from alignment.data.chat_template import render, tokenize_conversation
@@ -86,9 +87,9 @@ class Captured:
 
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
-    """Wrap ``sft.load_model`` so the test sees the model a run trains."""
+    """Wrap ``load_model`` (imported by ``sft.run`` at call time) so the test sees the model a run trains."""
     box = Captured()
-    real = sft.load_model
+    real = model_loading.load_model
 
     def load_and_keep(*args: Any, **kwargs: Any) -> Any:
         box.model = real(*args, **kwargs)
@@ -96,7 +97,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
         box.frozen = {n: p.detach().clone() for n, p in box.model.named_parameters() if not p.requires_grad}
         return box.model
 
-    monkeypatch.setattr(sft, "load_model", load_and_keep)
+    monkeypatch.setattr(model_loading, "load_model", load_and_keep)
     return box
 
 
