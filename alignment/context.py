@@ -16,3 +16,13 @@ class RunContext:
     """Run name: the job's overrides for a sweep job, the directory name otherwise."""
     group: str | None
     """Sweep name shared by every job of a multirun; None for a single run."""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Trainer checkpoints (``checkpoint-<step>``), kept to resume an interrupted run."""
+        return self.output_dir / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        """The trained model or adapter, with its tokenizer."""
+        return self.output_dir / "model"

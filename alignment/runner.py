@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -184,6 +185,10 @@ def run(cfg: RunConfig) -> dict[str, float]:
         failed = False
     finally:
         close_trackers(cfg.logger, failed=failed)
+    if not cfg.method.keep_checkpoints:
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+    # HF pickles TrainingArguments beside the weights; config.yaml is the record, and no pickle ships.
+    (ctx.model_dir / "training_args.bin").unlink(missing_ok=True)
     (ctx.output_dir / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     log.info("final metrics: %s", json.dumps(metrics))
     return metrics

@@ -98,15 +98,17 @@ def test_bad_enum_value_names_the_allowed_values(tmp_path: Path) -> None:
     assert [v.strip() for v in listed.group(1).split(",")] == [d.value for d in Dtype]
 
 
+FAKE_KEY = "sk-" + "a1b2c3d4e5f6g7h8i9j0k1l2"  # a credential-shaped value that must never reach a file
 SWEEP = [
     "-m",
     "model=tiny_random",
     "method.learning_rate=1e-4,2e-4",
     "method.max_steps=2",
     "method.eval_steps=2",
-    "method.save_strategy=no",
+    "method.save_steps=1",
     "method.num_generation_samples=2",
     "logger=none",
+    f"logger.project={FAKE_KEY}",
     "data.max_eval_samples=8",
 ]
 
@@ -141,7 +143,12 @@ def test_local_sweep_writes_one_complete_run_dir_per_job(tmp_path: Path) -> None
         assert math.isfinite(results["eval_loss"])
         assert (job / "model" / "config.json").is_file()
         assert list((job / "model").glob("*.safetensors"))
-        assert not list(job.glob("checkpoints/checkpoint-*")), "save_strategy=no wrote a checkpoint"
+        assert not (job / "checkpoints").exists(), "a finished run keeps no checkpoints unless keep_checkpoints"
+        assert not (job / "model" / "training_args.bin").exists(), "no pickle in the run directory"
+    written = [p for p in (tmp_path / "multirun").rglob("*") if p.is_file() and p.suffix in {".yaml", ".json", ".log"}]
+    assert any(p.name == "multirun.yaml" for p in written)
+    leaked = [p for p in written if FAKE_KEY in p.read_text(encoding="utf-8")]
+    assert not leaked, f"secret-looking override written verbatim to {leaked}"
 
 
 GOOD_ROW = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}

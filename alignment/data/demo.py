@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_DIR = Path(__file__).parent / "demo"
-NUM_TRAIN = 2000
-NUM_TEST = 200
+NUM_TRAIN = 1000
+NUM_TEST = 100
 SEED = 1234
 _TEMPLATES = ("What is {q}?", "Compute {q}.", "Calculate {q}.", "{q} = ?")
 

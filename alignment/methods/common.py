@@ -87,6 +87,9 @@ class MethodConfig:
     """fp16 mixed precision (GPUs without bf16)."""
     dataloader_num_workers: int = 0
     """Worker processes per dataloader."""
+    keep_checkpoints: bool = False
+    """Keep ``checkpoints/`` after the run finishes; they exist to resume an interrupted run, ``model/`` holds the
+    result, and a full-model checkpoint with optimizer state is ~3x the model's size."""
     resume_from_checkpoint: str | None = None
     """``checkpoint-<step>`` folder to resume from (weights, optimizer, scheduler, RNG and data position); run with
     the same settings as the interrupted run."""

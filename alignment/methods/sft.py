@@ -154,7 +154,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     prompts = eval_prompts(splits.eval, tokenizer, method) if splits.eval is not None else []
 
     model = load_model(cfg.model, tokenizer)
-    kwargs = training_kwargs(method, output_dir=str(ctx.output_dir / "checkpoints"), seed=cfg.seed, run_name=ctx.name)
+    kwargs = training_kwargs(method, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name)
     if evaluation is None:
         kwargs.update(eval_strategy="no", eval_on_start=False)
     args = TrlSFTConfig(
@@ -189,5 +189,5 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     if args.eval_strategy != "no" and trainer.state.global_step not in evaluated:
         trainer.evaluate()
     metrics.update(_last_eval(trainer.state.log_history))
-    trainer.save_model(str(ctx.output_dir / "model"))
+    trainer.save_model(str(ctx.model_dir))
     return metrics

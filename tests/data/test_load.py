@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from datasets import Dataset, DatasetDict
 
+from alignment.data import demo
 from alignment.data.config import SourceConfig
 from alignment.data.load import EMBEDDED_DIR, ORIGIN, load_source, resolve_path
 from alignment.data.validate import DataError
@@ -117,9 +118,9 @@ def test_embedded_path_resolves_to_the_shipped_demo() -> None:
 def test_embedded_source_loads() -> None:
     cfg = SourceConfig(path="embedded:sft_test.jsonl", eval_path="embedded:sft_test.jsonl")
     loaded = load_source(cfg, VALIDATE, COLUMNS)
-    assert len(loaded.train) == 200
+    assert len(loaded.train) == demo.NUM_TEST
     assert loaded.eval is not None
-    assert len(loaded.eval) == 200
+    assert len(loaded.eval) == demo.NUM_TEST
     assert loaded.train[ORIGIN][0] == f"{EMBEDDED_DIR / 'sft_test.jsonl'}:1"
 
 
