@@ -88,9 +88,12 @@ def _header_end(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
 
 
 def message_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], roles: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], roles: Sequence[str], *, first_trained: int = 0
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return the text and the character spans ``[start, end)`` that carry loss.
+
+    Only messages at index ``first_trained`` or later can carry loss (a preference pair trains its completion,
+    not the assistant turns of its prompt).
 
     Raises:
         ChatTemplateError: the template rewrites earlier turns, or drops a trained message's content.
@@ -98,7 +101,7 @@ def message_spans(
     full = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] not in roles:
+        if i < first_trained or message["role"] not in roles:
             continue
         before = render(tokenizer, messages[:i]) if i else ""
         upto = render(tokenizer, messages[: i + 1])
@@ -120,10 +123,15 @@ def message_spans(
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], roles: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    roles: Sequence[str],
+    max_length: int,
+    *,
+    first_trained: int = 0,
 ) -> TokenizedConversation:
-    """Token ids and labels for one conversation, loss only on ``roles``, cut to ``max_length`` tokens."""
-    text, spans = message_spans(tokenizer, messages, roles)
+    """Token ids and labels for one conversation: loss on ``roles`` from message ``first_trained`` on, cut to length."""
+    text, spans = message_spans(tokenizer, messages, roles, first_trained=first_trained)
     encoded: Any = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
     labels = [

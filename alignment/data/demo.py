@@ -4,7 +4,9 @@ Every problem ``a op b`` has one correct answer, so the same problems give SFT c
 fixed format), and later preference pairs (correct vs wrong answer), GPO groups (completions rewarded by
 correctness) and classification rows (is this equation right?). Train and test problems never overlap.
 
-Regenerate the shipped files with ``python -m alignment.data.demo``; a test checks they match this code.
+Files: ``sft_{train,test}.jsonl`` (``messages``) and ``pref_{train,test}.jsonl`` (``prompt``, ``chosen``,
+``rejected``: the correct equation against one off by 1, 2 or 10). Regenerate them with
+``python -m alignment.data.demo``; a test checks the shipped files match this code.
 """
 
 from __future__ import annotations
@@ -65,16 +67,35 @@ def sft_row(problem: Problem, rng: random.Random) -> dict[str, Any]:
     }
 
 
+def wrong_answer(problem: Problem, rng: random.Random) -> int:
+    """A plausible wrong answer: off by 1, 2 or 10 either way (the mistakes small models make)."""
+    return problem.answer + rng.choice((-10, -2, -1, 1, 2, 10))
+
+
+def preference_row(problem: Problem, rng: random.Random) -> dict[str, Any]:
+    """``prompt`` / ``chosen`` / ``rejected`` message lists: the correct equation against a wrong one."""
+    question = rng.choice(_TEMPLATES).format(q=problem.expression)
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": f"{problem.expression} = {problem.answer}"}],
+        "rejected": [{"role": "assistant", "content": f"{problem.expression} = {wrong_answer(problem, rng)}"}],
+    }
+
+
+_ROWS = {"sft": sft_row, "pref": preference_row}
+
+
 def write(folder: Path = DEMO_DIR) -> list[Path]:
-    """Write ``sft_train.jsonl`` and ``sft_test.jsonl``; return their paths."""
+    """Write ``<kind>_train.jsonl`` and ``<kind>_test.jsonl`` for every kind of row; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SEED)
     written = []
-    for split, items in zip(("train", "test"), problems(), strict=True):
-        path = folder / f"sft_{split}.jsonl"
-        lines = [json.dumps(sft_row(p, rng)) for p in items]
-        path.write_text("\n".join(lines) + "\n")
-        written.append(path)
+    for kind, make_row in _ROWS.items():
+        rng = random.Random(SEED)
+        for split, items in zip(("train", "test"), problems(), strict=True):
+            path = folder / f"{kind}_{split}.jsonl"
+            lines = [json.dumps(make_row(p, rng)) for p in items]
+            path.write_text("\n".join(lines) + "\n")
+            written.append(path)
     return written
 
 

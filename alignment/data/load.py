@@ -68,7 +68,8 @@ def _from_jsonl(path: Path, cfg: SourceConfig, validate: RowValidator, keep: tup
     if not rows:
         raise DataError(f"{path}: no rows")
     check_rows(rows, validate)
-    return Dataset.from_list([{**{c: row[c] for c in keep}, ORIGIN: where} for where, row in rows])
+    # Validation has checked the required columns; an optional one a row lacks (e.g. ``margin``) becomes null.
+    return Dataset.from_list([{**{c: row.get(c) for c in keep}, ORIGIN: where} for where, row in rows])
 
 
 def _from_arrow(
@@ -76,7 +77,9 @@ def _from_arrow(
 ) -> Dataset:
     dataset = dataset.rename_columns({k: v for k, v in cfg.columns.items() if k in dataset.column_names})
     check_rows(((f"{label} row {i}", row) for i, row in enumerate(dataset)), validate)
-    dataset = dataset.select_columns(list(keep))
+    dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])
+    for column in (c for c in keep if c not in dataset.column_names):
+        dataset = dataset.add_column(column, [None] * len(dataset))
     return dataset.add_column(ORIGIN, [f"{label} row {i}" for i in range(len(dataset))])
 
 

@@ -22,7 +22,7 @@ def read_rows(split: str) -> list[dict[str, Any]]:
 
 def test_shipped_files_match_the_generator(tmp_path: Path) -> None:
     written = demo.write(tmp_path)
-    assert [p.name for p in written] == ["sft_train.jsonl", "sft_test.jsonl"]
+    assert [p.name for p in written] == ["sft_train.jsonl", "sft_test.jsonl", "pref_train.jsonl", "pref_test.jsonl"]
     for path in written:
         assert path.read_bytes() == (demo.DEMO_DIR / path.name).read_bytes(), (
             f"{path.name} is stale: run python -m alignment.data.demo"

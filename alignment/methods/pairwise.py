@@ -1,0 +1,507 @@
+"""What the pairwise preference methods share: pair data, one padding-free forward, and the trainer.
+
+DPO, CPO/SimPO, ORPO and SMPO differ only in a pure loss function over :class:`PairLogps` (policy, and the
+reference where the method needs one). Everything else lives here:
+
+* **Data.** Rows hold ``prompt``/``chosen``/``rejected`` message lists, or only ``chosen``/``rejected`` full
+  conversations sharing a prefix (the implicit-prompt form: the prompt is their longest common prefix of
+  messages). An optional ``margin`` column is carried per pair. Each side is tokenised as prompt + completion with
+  the chat template; loss spans cover the completion's assistant turns only (content and end-of-turn token,
+  never the role header). Pairs longer than ``max_length`` are cut at the end of the completion; pairs whose
+  prompt leaves no completion token are dropped; both are counted and reported.
+* **Forward.** All ``2B`` sequences of a micro-batch (chosen first, then rejected) are packed into one row with
+  restarting position ids and a block-diagonal causal mask (flash-attention varlen on GPU), so no padding token
+  is computed. It returns per-sequence summed completion log-probs and token counts.
+* **Normalisation.** A loss is ``mean_pairs(per_pair) + w_c * NLL_chosen + w_r * NLL_rejected`` with the NLLs
+  token means. Under gradient accumulation (and across data-parallel ranks) the means are taken over the whole
+  optimizer step: pair and token counts of every micro-batch of the step are summed first (:class:`Window`), so
+  micro-batch 1 x accumulation 4 gives the same gradient as micro-batch 4 x accumulation 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from alignment.data.chat_template import IGNORE_INDEX, Message, tokenize_conversation
+from alignment.data.validate import message_list_problems, require_columns
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from alignment.config import RunConfig
+    from alignment.context import RunContext
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("prompt", "chosen", "rejected", "margin")
+"""Columns kept on load; ``prompt`` (implicit-prompt rows) and ``margin`` may be absent and then are null."""
+
+
+# --- what a loss function sees and returns -------------------------------------------------------------------
+
+
+@dataclass
+class PairLogps:
+    """Per-pair completion log-probs of one model; every tensor has shape ``(batch,)``."""
+
+    chosen: torch.Tensor
+    """Sum of the chosen completion's token log-probs."""
+    rejected: torch.Tensor
+    """Sum of the rejected completion's token log-probs."""
+    chosen_tokens: torch.Tensor
+    """Completion tokens of each chosen sequence (float)."""
+    rejected_tokens: torch.Tensor
+    """Completion tokens of each rejected sequence (float)."""
+
+    @property
+    def chosen_mean(self) -> torch.Tensor:
+        """Length-normalised chosen log-prob, ``(batch,)``."""
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_mean(self) -> torch.Tensor:
+        """Length-normalised rejected log-prob, ``(batch,)``."""
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+    def detach(self) -> PairLogps:
+        """The same values without autograd history."""
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
+
+
+@dataclass
+class PreferenceLoss:
+    """What a method's loss function returns for one micro-batch.
+
+    The total is ``mean(per_pair_loss) + chosen_nll_weight * NLL_chosen + rejected_nll_weight * NLL_rejected``
+    (:func:`total_loss`), with the NLL token means taken by the trainer over the optimizer step.
+    """
+
+    per_pair_loss: torch.Tensor
+    """Preference term per pair, ``(batch,)``."""
+    chosen_reward: torch.Tensor
+    """Implicit reward of each chosen completion (detached), ``(batch,)``."""
+    rejected_reward: torch.Tensor
+    """Implicit reward of each rejected completion (detached), ``(batch,)``."""
+    chosen_nll_weight: float = 0.0
+    """Weight of the token-mean NLL of the chosen completions."""
+    rejected_nll_weight: float = 0.0
+    """Weight of the token-mean NLL of the rejected completions."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra scalars to log (e.g. SMPO's current target margin)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is, for losses with a schedule."""
+
+    step: int
+    max_steps: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """Pair and completion-token counts of a whole optimizer step (all micro-batches, all ranks)."""
+
+    pairs: float
+    chosen_tokens: float
+    rejected_tokens: float
+
+    @classmethod
+    def of(cls, policy: PairLogps) -> Window:
+        """The window of a single micro-batch (evaluation, or no accumulation)."""
+        return cls(float(policy.chosen.numel()), float(policy.chosen_tokens.sum()), float(policy.rejected_tokens.sum()))
+
+
+LossFn = Callable[[PairLogps, PairLogps | None, Progress], PreferenceLoss]
+"""``loss_fn(policy, reference, progress)``; ``reference`` is None for reference-free methods."""
+
+
+def total_loss(out: PreferenceLoss, policy: PairLogps, window: Window) -> torch.Tensor:
+    """This micro-batch's share of the optimizer step's loss: summed over micro-batches it is the step's mean."""
+    loss = out.per_pair_loss.sum() / window.pairs
+    if out.chosen_nll_weight:
+        loss = loss + out.chosen_nll_weight * -policy.chosen.sum() / max(window.chosen_tokens, 1.0)
+    if out.rejected_nll_weight:
+        loss = loss + out.rejected_nll_weight * -policy.rejected.sum() / max(window.rejected_tokens, 1.0)
+    return loss
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def split_implicit_prompt(chosen: Sequence[Message], rejected: Sequence[Message]) -> tuple[list[Message], ...]:
+    """``(prompt, chosen_completion, rejected_completion)`` from two full conversations sharing a prefix."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return list(chosen[:shared]), list(chosen[shared:]), list(rejected[shared:])
+
+
+def _completion_problems(row: Mapping[str, Any], column: str) -> list[str]:
+    completion = row[column]
+    if any(m["role"] != "assistant" for m in completion):
+        return [f"column {column!r}: completion messages must all be assistant turns"]
+    if all(not m["content"].strip() for m in completion):
+        return [f"column {column!r}: empty completion"]
+    return []
+
+
+def row_problems(row: Mapping[str, Any]) -> list[str]:
+    """Validation of one preference row (explicit or implicit prompt); empty when it can be trained on."""
+    problems = require_columns(row, ("chosen", "rejected"))
+    for column in ("prompt", "chosen", "rejected"):
+        if column in row and row[column] is not None:
+            problems += message_list_problems(row[column], column)
+    if problems:
+        return problems
+    pair = dict(row)
+    if pair.get("prompt") is None:
+        pair["prompt"], pair["chosen"], pair["rejected"] = split_implicit_prompt(row["chosen"], row["rejected"])
+        if not pair["prompt"]:
+            return ["columns 'chosen'/'rejected': no 'prompt' column and no shared prefix to take as the prompt"]
+    if pair["prompt"][-1]["role"] == "assistant":
+        return ["column 'prompt': ends on an assistant turn; the completion must answer the prompt's last turn"]
+    problems = _completion_problems(pair, "chosen") + _completion_problems(pair, "rejected")
+    margin = row.get("margin")
+    if margin is not None and not isinstance(margin, int | float):
+        problems.append(f"column 'margin': expected a number, got {type(margin).__name__}")
+    return problems
+
+
+@dataclass
+class PairStats:
+    """Counts reported after tokenisation (never silent)."""
+
+    pairs: int = 0
+    identical: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+def _encode_side(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message], max_length: int
+) -> tuple[list[int], list[int], bool]:
+    out = tokenize_conversation(tokenizer, prompt + completion, ["assistant"], max_length, first_trained=len(prompt))
+    return out.input_ids, out.labels, out.truncated
+
+
+def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """Token ids and completion labels of both sides of every pair, with the documented truncation rule.
+
+    Rule: each side is cut to ``max_length`` tokens from its end (the prompt is kept, the completion's tail is
+    lost); a pair where either side keeps no completion token is dropped. Identical chosen/rejected pairs carry no
+    preference signal and are dropped too. Counts of all three are logged.
+    """
+    stats = PairStats()
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+        if prompt is None:
+            prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        chosen_ids, chosen_labels, cut_c = _encode_side(tokenizer, prompt, chosen, max_length)
+        rejected_ids, rejected_labels, cut_r = _encode_side(tokenizer, prompt, rejected, max_length)
+        margin = row.get("margin")
+        return {
+            "chosen_input_ids": chosen_ids,
+            "chosen_labels": chosen_labels,
+            "rejected_input_ids": rejected_ids,
+            "rejected_labels": rejected_labels,
+            "margin": float(margin) if margin is not None else 0.0,
+            "truncated": cut_c or cut_r,
+            "identical": chosen == rejected,
+        }
+
+    columns = list(dataset.column_names)
+    encoded = dataset.map(encode, remove_columns=columns, desc="Tokenizing pairs")
+    stats.pairs = len(encoded)
+    stats.truncated = sum(encoded["truncated"])
+    stats.identical = sum(encoded["identical"])
+
+    def keep(row: dict[str, Any]) -> bool:
+        has_tokens = any(t != IGNORE_INDEX for t in row["chosen_labels"]) and any(
+            t != IGNORE_INDEX for t in row["rejected_labels"]
+        )
+        return has_tokens and not row["identical"]
+
+    kept = encoded.filter(keep).remove_columns(["truncated", "identical"])
+    stats.dropped = stats.pairs - len(kept)
+    if stats.truncated or stats.dropped:
+        log.warning(
+            "pairs: %d of %d cut to max_length=%d; %d dropped (%d with chosen == rejected, the rest with no "
+            "completion token left)",
+            stats.truncated,
+            stats.pairs,
+            max_length,
+            stats.dropped,
+            stats.identical,
+        )
+    return kept
+
+
+# --- batching and the forward ------------------------------------------------------------------------------
+
+
+@dataclass
+class PairCollator:
+    """Pack the ``2B`` sequences of a micro-batch into one padding-free row (chosen first, then rejected)."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Concatenate ids and labels; position ids restart and ``sequence_ids`` say which sequence a token is in."""
+        sequences = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
+        sequences += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
+        input_ids = [t for ids, _ in sequences for t in ids]
+        labels = [t for _, lab in sequences for t in lab]
+        positions = [p for ids, _ in sequences for p in range(len(ids))]
+        sequence_ids = [i for i, (ids, _) in enumerate(sequences) for _ in ids]
+        batch = {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+            "sequence_ids": torch.tensor([sequence_ids]),
+            "margin": torch.tensor([float(r.get("margin", 0.0)) for r in rows]),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([float(r[key]) for r in rows])
+        return batch
+
+
+def _attention_kwargs(model: PreTrainedModel, position_ids: torch.Tensor, sequence_ids: torch.Tensor) -> dict[str, Any]:
+    """Keep attention inside each packed sequence: varlen boundaries for flash-attention, a 4-D mask otherwise."""
+    if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+        starts = (position_ids[0] == 0).nonzero().flatten()
+        cu_seq_lens = torch.cat([starts, starts.new_tensor([position_ids.size(1)])]).to(torch.int32)
+        longest = int(cu_seq_lens.diff().max())
+        return {
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+    seq = sequence_ids[0]
+    same = seq[:, None] == seq[None, :]
+    causal = torch.ones_like(same).tril()
+    return {"attention_mask": (same & causal)[None, None]}
+
+
+def sequence_logps(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> PairLogps:
+    """One forward over the packed row; per-sequence summed completion log-probs and token counts."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    position_ids, sequence_ids = batch["position_ids"], batch["sequence_ids"]
+    outputs = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        use_cache=False,
+        **_attention_kwargs(model, position_ids, sequence_ids),
+    )
+    logits = outputs.logits[0, :-1].float()
+    targets = labels[0, 1:]
+    mask = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0)
+    token_logps = logits.gather(-1, safe_targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    token_logps = token_logps * mask
+    owner = sequence_ids[0, 1:]
+    count = int(sequence_ids.max()) + 1
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
+    tokens = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, mask.float())
+    half = count // 2
+    return PairLogps(sums[:half], sums[half:], tokens[:half], tokens[half:])
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+
+def merge_windows(windows: Sequence[Window]) -> Window:
+    """The window of several micro-batches: counts add up."""
+    return Window(
+        sum(w.pairs for w in windows), sum(w.chosen_tokens for w in windows), sum(w.rejected_tokens for w in windows)
+    )
+
+
+def batch_window(batch: Mapping[str, torch.Tensor]) -> Window:
+    """Pairs and completion tokens of one packed micro-batch (chosen sequences are the first half)."""
+    targets = batch["labels"][0, 1:]
+    owner = batch["sequence_ids"][0, 1:]
+    pairs = int(batch["sequence_ids"].max() + 1) // 2
+    trained = owner[targets != IGNORE_INDEX]
+    chosen = float((trained < pairs).sum())
+    return Window(float(pairs), chosen, float(trained.numel()) - chosen)
+
+
+# --- the reference model -----------------------------------------------------------------------------------
+
+
+class Reference:
+    """Reference log-probs: from precomputed columns, a frozen copy, or the policy with its adapters disabled."""
+
+    def __init__(self, model: PreTrainedModel | None) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, policy_model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> PairLogps:
+        """Reference log-probs of the batch's pairs (no gradient)."""
+        tokens = _batch_tokens(batch)
+        if "ref_chosen_logps" in batch:
+            return PairLogps(batch["ref_chosen_logps"], batch["ref_rejected_logps"], *tokens)
+        if self.model is not None:
+            return sequence_logps(self.model, batch).detach()
+        with policy_model.disable_adapter():  # type: ignore[operator]
+            return sequence_logps(policy_model, batch).detach()
+
+
+def _batch_tokens(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = batch["labels"][0, 1:]
+    owner = batch["sequence_ids"][0, 1:]
+    count = int(batch["sequence_ids"].max()) + 1
+    tokens = torch.zeros(count, device=targets.device).index_add(0, owner, (targets != IGNORE_INDEX).float())
+    return tokens[: count // 2], tokens[count // 2 :]
+
+
+# --- the shared run ----------------------------------------------------------------------------------------
+
+
+class ReferenceKind(StrEnum):
+    """Where reference log-probs come from."""
+
+    auto = "auto"
+    """``adapters`` when the policy trains LoRA adapters, ``copy`` otherwise."""
+    copy = "copy"
+    """A frozen second copy of the starting model."""
+    adapters = "adapters"
+    """The policy itself with its LoRA adapters disabled (no second copy; needs ``model.lora.enabled``)."""
+    precomputed = "precomputed"
+    """Computed once before training (by a frozen copy), cached on disk, and reused by later runs and sweep jobs."""
+
+
+def _load_reference(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    from dataclasses import replace
+
+    from alignment.models.load import load_model
+
+    frozen = load_model(
+        replace(cfg.model, lora=replace(cfg.model.lora, enabled=False), unfreeze_layers_patterns=[]), tokenizer
+    )
+    frozen.requires_grad_(False)
+    frozen.train(False)
+    return frozen
+
+
+def _reference_cache_key(cfg: RunConfig, dataset: Dataset, max_length: int) -> str:
+    import hashlib
+
+    parts = [
+        cfg.model.name_or_path,
+        str(cfg.model.revision),
+        str(cfg.model.dtype),
+        dataset._fingerprint,
+        str(max_length),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def precompute_reference(dataset: Dataset, reference: PreTrainedModel, key: str, batch_size: int) -> Dataset:
+    """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the disk cache when this key was seen."""
+    from safetensors.torch import load_file, save_file
+
+    from alignment.paths import cache_dir
+
+    path = cache_dir() / "reference_logps" / f"{key}.safetensors"
+    if path.exists():
+        log.info("reference log-probs: cache hit %s", path)
+        cached = load_file(str(path))
+    else:
+        collate = PairCollator()
+        chosen, rejected = [], []
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                logps = sequence_logps(reference, {k: v.to(reference.device) for k, v in collate(rows).items()})
+                chosen.append(logps.chosen.cpu())
+                rejected.append(logps.rejected.cpu())
+        cached = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file(cached, str(tmp))
+        tmp.rename(path)
+        log.info("reference log-probs: computed %d pairs, cached at %s", len(dataset), path)
+    dataset = dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
+    return dataset.add_column("ref_rejected_logps", cached["rejected"].tolist())
+
+
+def _resolve_kind(kind: ReferenceKind, lora: bool) -> ReferenceKind:
+    if kind is ReferenceKind.auto:
+        return ReferenceKind.adapters if lora else ReferenceKind.copy
+    if kind is ReferenceKind.adapters and not lora:
+        raise ValueError("method.reference=adapters needs model.lora.enabled=true (there are no adapters to disable)")
+    return kind
+
+
+def run_pairwise(
+    cfg: RunConfig, ctx: RunContext, loss_fn: LossFn, *, max_length: int, reference_kind: ReferenceKind | None
+) -> dict[str, float]:
+    """Validate and tokenise pairs, set up the reference (None: reference-free), train, save; final metrics."""
+    from alignment.callbacks import MetricsJsonlCallback
+    from alignment.data.mix import build_splits
+    from alignment.loggers import report_to
+    from alignment.methods.common import training_kwargs
+    from alignment.models.load import load_model, load_tokenizer
+
+    method = cfg.method
+    tokenizer = load_tokenizer(cfg.model)
+    splits = build_splits(cfg.data, row_problems, COLUMNS)
+    train = tokenize_pairs(splits.train, tokenizer, max_length)
+    evaluation = tokenize_pairs(splits.eval, tokenizer, max_length) if splits.eval is not None else None
+    model = load_model(cfg.model, tokenizer)
+
+    reference: Reference | None = None
+    if reference_kind is not None:
+        kind = _resolve_kind(reference_kind, cfg.model.lora.enabled)
+        if kind is ReferenceKind.precomputed:
+            frozen = _load_reference(cfg, tokenizer)
+            batch = method.per_device_eval_batch_size
+            train = precompute_reference(train, frozen, _reference_cache_key(cfg, train, max_length), batch)
+            if evaluation is not None:
+                key = _reference_cache_key(cfg, evaluation, max_length)
+                evaluation = precompute_reference(evaluation, frozen, key, batch)
+            del frozen
+            reference = Reference(None)
+        else:
+            reference = Reference(_load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None)
+
+    kwargs = training_kwargs(method, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name)
+    if evaluation is None:
+        kwargs.update(eval_strategy="no", eval_on_start=False)
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        **kwargs, report_to=report_to(cfg.logger), remove_unused_columns=False, prediction_loss_only=True
+    )
+    from alignment.methods.pairwise_trainer import PairwiseTrainer
+
+    trainer = PairwiseTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=PairCollator(),
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonlCallback(ctx.output_dir / "metrics.jsonl")],
+        loss_fn=loss_fn,
+        reference=reference,
+    )
+    result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
+    metrics: dict[str, float] = dict(result.metrics)
+    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
+    if evaluation is not None and args.eval_strategy != "no" and trainer.state.global_step not in evaluated:
+        trainer.evaluate()
+    for entry in trainer.state.log_history:
+        metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    trainer.save_model(str(ctx.model_dir))
+    return metrics
