@@ -4,9 +4,10 @@ Every problem ``a op b`` has one correct answer, so the same problems give SFT c
 fixed format), and later preference pairs (correct vs wrong answer), GPO groups (completions rewarded by
 correctness) and classification rows (is this equation right?). Train and test problems never overlap.
 
-Files: ``sft_{train,test}.jsonl`` (``messages``) and ``pref_{train,test}.jsonl`` (``prompt``, ``chosen``,
-``rejected``: the correct equation against one off by 1, 2 or 10). Regenerate them with
-``python -m alignment.data.demo``; a test checks the shipped files match this code.
+One row per problem holds every view of it, so ``data=demo`` serves every method: ``messages`` for SFT and
+``prompt``/``chosen``/``rejected`` for the pairwise methods (the correct equation against one off by 1, 2 or 10);
+each method keeps only its own columns. Files: ``train.jsonl`` (1000 rows) and ``test.jsonl`` (100 held-out rows).
+Regenerate them with ``python -m alignment.data.demo``; a test checks the shipped files match this code.
 """
 
 from __future__ import annotations
@@ -56,46 +57,28 @@ def problems(seed: int = SEED) -> tuple[list[Problem], list[Problem]]:
     return ordered[:NUM_TRAIN], ordered[NUM_TRAIN:]
 
 
-def sft_row(problem: Problem, rng: random.Random) -> dict[str, Any]:
-    """A two-turn conversation whose assistant turn is ``<expression> = <answer>``."""
-    question = rng.choice(_TEMPLATES).format(q=problem.expression)
-    return {
-        "messages": [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": f"{problem.expression} = {problem.answer}"},
-        ]
-    }
-
-
 def wrong_answer(problem: Problem, rng: random.Random) -> int:
     """A plausible wrong answer: off by 1, 2 or 10 either way (the mistakes small models make)."""
     return problem.answer + rng.choice((-10, -2, -1, 1, 2, 10))
 
 
-def preference_row(problem: Problem, rng: random.Random) -> dict[str, Any]:
-    """``prompt`` / ``chosen`` / ``rejected`` message lists: the correct equation against a wrong one."""
-    question = rng.choice(_TEMPLATES).format(q=problem.expression)
-    return {
-        "prompt": [{"role": "user", "content": question}],
-        "chosen": [{"role": "assistant", "content": f"{problem.expression} = {problem.answer}"}],
-        "rejected": [{"role": "assistant", "content": f"{problem.expression} = {wrong_answer(problem, rng)}"}],
-    }
-
-
-_ROWS = {"sft": sft_row, "pref": preference_row}
+def demo_row(problem: Problem, rng: random.Random) -> dict[str, Any]:
+    """Every view of one problem: ``messages`` (SFT) and ``prompt``/``chosen``/``rejected`` (pairs)."""
+    question = [{"role": "user", "content": rng.choice(_TEMPLATES).format(q=problem.expression)}]
+    correct = [{"role": "assistant", "content": f"{problem.expression} = {problem.answer}"}]
+    wrong = [{"role": "assistant", "content": f"{problem.expression} = {wrong_answer(problem, rng)}"}]
+    return {"messages": question + correct, "prompt": question, "chosen": correct, "rejected": wrong}
 
 
 def write(folder: Path = DEMO_DIR) -> list[Path]:
-    """Write ``<kind>_train.jsonl`` and ``<kind>_test.jsonl`` for every kind of row; return their paths."""
+    """Write ``train.jsonl`` and ``test.jsonl``; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SEED)
     written = []
-    for kind, make_row in _ROWS.items():
-        rng = random.Random(SEED)
-        for split, items in zip(("train", "test"), problems(), strict=True):
-            path = folder / f"{kind}_{split}.jsonl"
-            lines = [json.dumps(make_row(p, rng)) for p in items]
-            path.write_text("\n".join(lines) + "\n")
-            written.append(path)
+    for split, items in zip(("train", "test"), problems(), strict=True):
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(demo_row(p, rng)) + "\n" for p in items))
+        written.append(path)
     return written
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignment.methods import sft
+from alignment.methods import cpo, dpo, orpo, sft, simpo, smpo
 from alignment.methods.common import MethodConfig
 
 if TYPE_CHECKING:
@@ -28,4 +28,9 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "sft": Method(sft.SftConfig, sft.run),
+    "dpo": Method(dpo.DpoConfig, dpo.run),
+    "orpo": Method(orpo.OrpoConfig, orpo.run),
+    "cpo": Method(cpo.CpoConfig, cpo.run),
+    "simpo": Method(simpo.SimpoConfig, simpo.run),
+    "smpo": Method(smpo.SmpoConfig, smpo.run),
 }

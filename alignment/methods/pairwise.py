@@ -21,6 +21,8 @@ reference where the method needs one). Everything else lives here:
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -162,16 +164,20 @@ def row_problems(row: Mapping[str, Any]) -> list[str]:
     if problems:
         return problems
     pair = dict(row)
+    prompt_column = "column 'prompt'"
     if pair.get("prompt") is None:
         pair["prompt"], pair["chosen"], pair["rejected"] = split_implicit_prompt(row["chosen"], row["rejected"])
+        prompt_column = "columns 'chosen'/'rejected': their shared prefix (the implicit prompt)"
         if not pair["prompt"]:
             return ["columns 'chosen'/'rejected': no 'prompt' column and no shared prefix to take as the prompt"]
     if pair["prompt"][-1]["role"] == "assistant":
-        return ["column 'prompt': ends on an assistant turn; the completion must answer the prompt's last turn"]
+        return [f"{prompt_column} ends on an assistant turn; the completion must answer the prompt's last turn"]
     problems = _completion_problems(pair, "chosen") + _completion_problems(pair, "rejected")
     margin = row.get("margin")
-    if margin is not None and not isinstance(margin, int | float):
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float)):
         problems.append(f"column 'margin': expected a number, got {type(margin).__name__}")
+    elif margin is not None and not math.isfinite(margin):
+        problems.append(f"column 'margin': expected a finite number, got {margin}")
     return problems
 
 
@@ -196,8 +202,8 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
     """Token ids and completion labels of both sides of every pair, with the documented truncation rule.
 
     Rule: each side is cut to ``max_length`` tokens from its end (the prompt is kept, the completion's tail is
-    lost); a pair where either side keeps no completion token is dropped. Identical chosen/rejected pairs carry no
-    preference signal and are dropped too. Counts of all three are logged.
+    lost); a pair where either side keeps no completion token is dropped. Identical chosen/rejected pairs (also
+    those identical once cut) carry no preference signal and are dropped too. Counts of all three are logged.
     """
     stats = PairStats()
 
@@ -208,6 +214,7 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
         chosen_ids, chosen_labels, cut_c = _encode_side(tokenizer, prompt, chosen, max_length)
         rejected_ids, rejected_labels, cut_r = _encode_side(tokenizer, prompt, rejected, max_length)
         margin = row.get("margin")
+        empty = all(t == IGNORE_INDEX for t in chosen_labels) or all(t == IGNORE_INDEX for t in rejected_labels)
         return {
             "chosen_input_ids": chosen_ids,
             "chosen_labels": chosen_labels,
@@ -215,7 +222,9 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
             "rejected_labels": rejected_labels,
             "margin": float(margin) if margin is not None else 0.0,
             "truncated": cut_c or cut_r,
-            "identical": chosen == rejected,
+            "empty": empty,
+            # Also pairs that differ only beyond max_length: after the cut both sides are the same tokens.
+            "identical": not empty and (chosen == rejected or chosen_ids == rejected_ids),
         }
 
     columns = list(dataset.column_names)
@@ -223,14 +232,8 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
     stats.pairs = len(encoded)
     stats.truncated = sum(encoded["truncated"])
     stats.identical = sum(encoded["identical"])
-
-    def keep(row: dict[str, Any]) -> bool:
-        has_tokens = any(t != IGNORE_INDEX for t in row["chosen_labels"]) and any(
-            t != IGNORE_INDEX for t in row["rejected_labels"]
-        )
-        return has_tokens and not row["identical"]
-
-    kept = encoded.filter(keep).remove_columns(["truncated", "identical"])
+    kept = encoded.filter(lambda row: not (row["empty"] or row["identical"]), desc="Dropping pairs")
+    kept = kept.remove_columns(["truncated", "empty", "identical"])
     stats.dropped = stats.pairs - len(kept)
     if stats.truncated or stats.dropped:
         log.warning(
@@ -275,7 +278,10 @@ class PairCollator:
 
 def _attention_kwargs(model: PreTrainedModel, position_ids: torch.Tensor, sequence_ids: torch.Tensor) -> dict[str, Any]:
     """Keep attention inside each packed sequence: varlen boundaries for flash-attention, a 4-D mask otherwise."""
-    if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+    # A DDP/DeepSpeed wrapper (what the Trainer passes to compute_loss) has neither ``config`` nor ``dtype``.
+    inner: PreTrainedModel = getattr(model, "module", model)
+    implementation = getattr(inner.config, "_attn_implementation", None)
+    if implementation == "flash_attention_2":
         starts = (position_ids[0] == 0).nonzero().flatten()
         cu_seq_lens = torch.cat([starts, starts.new_tensor([position_ids.size(1)])]).to(torch.int32)
         longest = int(cu_seq_lens.diff().max())
@@ -286,9 +292,14 @@ def _attention_kwargs(model: PreTrainedModel, position_ids: torch.Tensor, sequen
             "max_length_k": longest,
         }
     seq = sequence_ids[0]
-    same = seq[:, None] == seq[None, :]
-    causal = torch.ones_like(same).tril()
-    return {"attention_mask": (same & causal)[None, None]}
+    allowed = (seq[:, None] == seq[None, :]).tril()[None, None]
+    if implementation == "sdpa":
+        return {"attention_mask": allowed}
+    # A 4-D mask reaches the attention function as is, and eager attention *adds* it to the scores: a boolean
+    # mask would add 0/1 and mask nothing, so every other implementation gets the additive float form.
+    dtype = inner.dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=seq.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {"attention_mask": additive}
 
 
 def sequence_logps(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> PairLogps:
@@ -352,8 +363,11 @@ class Reference:
             return PairLogps(batch["ref_chosen_logps"], batch["ref_rejected_logps"], *tokens)
         if self.model is not None:
             return sequence_logps(self.model, batch).detach()
-        with policy_model.disable_adapter():  # type: ignore[operator]
-            return sequence_logps(policy_model, batch).detach()
+        # Under DDP the trainer hands over the wrapper, which has no ``disable_adapter``; the no-grad forward
+        # needs no gradient sync, so the wrapped PEFT model runs it directly.
+        peft_model: Any = getattr(policy_model, "module", policy_model)
+        with peft_model.disable_adapter():
+            return sequence_logps(peft_model, batch).detach()
 
 
 def _batch_tokens(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,6 +392,13 @@ class ReferenceKind(StrEnum):
     """The policy itself with its LoRA adapters disabled (no second copy; needs ``model.lora.enabled``)."""
     precomputed = "precomputed"
     """Computed once before training (by a frozen copy), cached on disk, and reused by later runs and sweep jobs."""
+
+
+def place(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """Move a frozen model to the training device; bitsandbytes models were placed at load and refuse ``.to``."""
+    if getattr(model, "hf_quantizer", None) is None:
+        torch.nn.Module.to(model, device)
+    return model
 
 
 def _load_reference(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -427,7 +448,8 @@ def precompute_reference(dataset: Dataset, reference: PreTrainedModel, key: str,
                 rejected.append(logps.rejected.cpu())
         cached = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
+        # A per-process temporary name: ranks or sweep jobs computing the same key never write one file together.
+        tmp = path.with_suffix(f".{os.getpid()}.partial")
         save_file(cached, str(tmp))
         tmp.rename(path)
         log.info("reference log-probs: computed %d pairs, cached at %s", len(dataset), path)
@@ -454,26 +476,13 @@ def run_pairwise(
     from alignment.models.load import load_model, load_tokenizer
 
     method = cfg.method
+    # Resolved first, so a reference that cannot work fails before any data or model is loaded.
+    kind = _resolve_kind(reference_kind, cfg.model.lora.enabled) if reference_kind is not None else None
     tokenizer = load_tokenizer(cfg.model)
     splits = build_splits(cfg.data, row_problems, COLUMNS)
     train = tokenize_pairs(splits.train, tokenizer, max_length)
     evaluation = tokenize_pairs(splits.eval, tokenizer, max_length) if splits.eval is not None else None
     model = load_model(cfg.model, tokenizer)
-
-    reference: Reference | None = None
-    if reference_kind is not None:
-        kind = _resolve_kind(reference_kind, cfg.model.lora.enabled)
-        if kind is ReferenceKind.precomputed:
-            frozen = _load_reference(cfg, tokenizer)
-            batch = method.per_device_eval_batch_size
-            train = precompute_reference(train, frozen, _reference_cache_key(cfg, train, max_length), batch)
-            if evaluation is not None:
-                key = _reference_cache_key(cfg, evaluation, max_length)
-                evaluation = precompute_reference(evaluation, frozen, key, batch)
-            del frozen
-            reference = Reference(None)
-        else:
-            reference = Reference(_load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None)
 
     kwargs = training_kwargs(method, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name)
     if evaluation is None:
@@ -483,6 +492,22 @@ def run_pairwise(
     args = TrainingArguments(
         **kwargs, report_to=report_to(cfg.logger), remove_unused_columns=False, prediction_loss_only=True
     )
+
+    reference: Reference | None = None
+    if kind is ReferenceKind.precomputed:
+        frozen = place(_load_reference(cfg, tokenizer), args.device)
+        batch = method.per_device_eval_batch_size
+        # The main process computes and caches first; the other ranks then read its cache file.
+        with args.main_process_first(desc="reference log-probs"):
+            train = precompute_reference(train, frozen, _reference_cache_key(cfg, train, max_length), batch)
+            if evaluation is not None:
+                key = _reference_cache_key(cfg, evaluation, max_length)
+                evaluation = precompute_reference(evaluation, frozen, key, batch)
+        del frozen
+        reference = Reference(None)
+    elif kind is not None:
+        reference = Reference(_load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None)
+
     from alignment.methods.pairwise_trainer import PairwiseTrainer
 
     trainer = PairwiseTrainer(

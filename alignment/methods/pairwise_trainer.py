@@ -20,6 +20,7 @@ from alignment.methods.pairwise import (
     Window,
     batch_window,
     merge_windows,
+    place,
     sequence_logps,
     total_loss,
 )
@@ -34,6 +35,10 @@ class PairwiseTrainer(Trainer):
         self.reference = reference
         # The loss is normalised over the optimizer step by `_get_num_items_in_batch`, not divided by HF.
         self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        if reference is not None and reference.model is not None:
+            # The Trainer places only the policy; a frozen copy left on the CPU would meet GPU batches.
+            place(reference.model, self.args.device)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _get_num_items_in_batch(self, batch_samples: list[Any], device: torch.device) -> Any:
@@ -56,7 +61,8 @@ class PairwiseTrainer(Trainer):
         reference = self.reference.logps(model, inputs) if self.reference is not None else None
         progress = Progress(self.state.global_step, max(self.state.max_steps, 1))
         out = self.loss_fn(policy, reference, progress)
-        training = isinstance(num_items_in_batch, Window)
+        # HF's prediction_step also passes `_get_num_items_in_batch` (a Window); evaluation is per batch, unscaled.
+        training = model.training and isinstance(num_items_in_batch, Window)
         window = num_items_in_batch if training else Window.of(policy)
         loss = total_loss(out, policy, window)
         if training and self.args.world_size > 1:
@@ -66,16 +72,18 @@ class PairwiseTrainer(Trainer):
 
     def _record(self, out: PreferenceLoss, policy: PairLogps, mode: str) -> None:
         margins = out.chosen_reward - out.rejected_reward
-        values = {
-            "rewards/chosen": out.chosen_reward.mean(),
-            "rewards/rejected": out.rejected_reward.mean(),
-            "rewards/accuracies": (margins > 0).float().mean(),
-            "rewards/margins": margins.mean(),
-            "logps/chosen": policy.chosen.detach().mean(),
-            "logps/rejected": policy.rejected.detach().mean(),
+        per_pair = {
+            "rewards/chosen": out.chosen_reward,
+            "rewards/rejected": out.rejected_reward,
+            "rewards/accuracies": (margins > 0).float(),
+            "rewards/margins": margins,
+            "logps/chosen": policy.chosen.detach(),
+            "logps/rejected": policy.rejected.detach(),
         }
-        for key, value in values.items():
-            self._metrics[mode][key].append(float(self.accelerator.gather_for_metrics(value[None]).mean()))
+        for key, value in per_pair.items():
+            # Per-pair values, not per-rank means: gather_for_metrics drops the samples an uneven last batch
+            # repeats, which only makes sense for a tensor with one entry per sample.
+            self._metrics[mode][key].append(float(self.accelerator.gather_for_metrics(value.detach()).float().mean()))
         for key, scalar in out.metrics.items():
             self._metrics[mode][key].append(scalar)
 

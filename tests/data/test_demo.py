@@ -16,13 +16,13 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 
 
 def read_rows(split: str) -> list[dict[str, Any]]:
-    path = demo.DEMO_DIR / f"sft_{split}.jsonl"
+    path = demo.DEMO_DIR / f"{split}.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_shipped_files_match_the_generator(tmp_path: Path) -> None:
     written = demo.write(tmp_path)
-    assert [p.name for p in written] == ["sft_train.jsonl", "sft_test.jsonl", "pref_train.jsonl", "pref_test.jsonl"]
+    assert [p.name for p in written] == ["train.jsonl", "test.jsonl"]
     for path in written:
         assert path.read_bytes() == (demo.DEMO_DIR / path.name).read_bytes(), (
             f"{path.name} is stale: run python -m alignment.data.demo"
@@ -58,3 +58,18 @@ def test_problems_are_deterministic_and_distinct() -> None:
     assert demo.problems() == (train, test)
     assert len(set(train) | set(test)) == demo.NUM_TRAIN + demo.NUM_TEST
     assert demo.problems(seed=demo.SEED + 1) != (train, test)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_pair_prefers_the_correct_answer_to_a_wrong_one(split: str) -> None:
+    for row in read_rows(split):
+        assert row["prompt"] == row["messages"][:1]
+        assert row["chosen"] == row["messages"][1:]
+        chosen, rejected = (
+            ANSWER.fullmatch(row["chosen"][0]["content"]),
+            ANSWER.fullmatch(row["rejected"][0]["content"]),
+        )
+        assert chosen
+        assert rejected
+        assert chosen.groups()[:3] == rejected.groups()[:3]  # same problem
+        assert int(rejected.group(4)) - int(chosen.group(4)) in (-10, -2, -1, 1, 2, 10)

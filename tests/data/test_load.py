@@ -109,19 +109,19 @@ def test_save_to_disk_single_dataset_has_no_eval_split(tmp_path: Path) -> None:
 
 
 def test_embedded_path_resolves_to_the_shipped_demo() -> None:
-    assert resolve_path("embedded:sft_test.jsonl") == str(EMBEDDED_DIR / "sft_test.jsonl")
-    assert Path(resolve_path("embedded:sft_test.jsonl")).is_file()
+    assert resolve_path("embedded:test.jsonl") == str(EMBEDDED_DIR / "test.jsonl")
+    assert Path(resolve_path("embedded:test.jsonl")).is_file()
     assert resolve_path("data/x.jsonl") == "data/x.jsonl"
     assert resolve_path("HuggingFaceTB/smoltalk") == "HuggingFaceTB/smoltalk"
 
 
 def test_embedded_source_loads() -> None:
-    cfg = SourceConfig(path="embedded:sft_test.jsonl", eval_path="embedded:sft_test.jsonl")
+    cfg = SourceConfig(path="embedded:test.jsonl", eval_path="embedded:test.jsonl")
     loaded = load_source(cfg, VALIDATE, COLUMNS)
     assert len(loaded.train) == demo.NUM_TEST
     assert loaded.eval is not None
     assert len(loaded.eval) == demo.NUM_TEST
-    assert loaded.train[ORIGIN][0] == f"{EMBEDDED_DIR / 'sft_test.jsonl'}:1"
+    assert loaded.train[ORIGIN][0] == f"{EMBEDDED_DIR / 'test.jsonl'}:1"
 
 
 def test_missing_file(tmp_path: Path) -> None:

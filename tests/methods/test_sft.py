@@ -350,7 +350,7 @@ def _assert_run_outputs(out: Path, metrics: dict[str, float]) -> None:
     assert len(rows) == 2
     for row in rows:
         assert set(row) == {"origin", "prompt", "reference", "generation"}
-        assert "sft_test.jsonl:" in row["origin"]  # eval rows, with file:line
+        assert "test.jsonl:" in row["origin"]  # eval rows, with file:line
         assert row["prompt"].rstrip().endswith("assistant")
 
 

@@ -1,0 +1,312 @@
+"""SMPO: hand-computed values per variant, limits, the margin schedule, NLL weights, gradients, trainer invariants.
+
+Loss inputs are :class:`PairLogps` whose mean log-probs are chosen by hand (sums over 4 chosen and 2 rejected
+tokens); Δ = mean chosen - mean rejected, z = beta (Δ - m). With beta = 1.2 and m = 0.35:
+Δ = 0.1 -> z = -0.3;  Δ = 0.35 -> z = 0;  Δ = -0.65 -> z = -1.2;  Δ = 0.6 -> z = 0.3.
+
+Trainer tests call ``smpo.run`` in-process on the tiny random Llama, wrapping ``load_model`` to see the trained
+model (as tests/methods/test_sft.py does), with one step of plain SGD so a wrong gradient scale shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import alignment.models.load as model_loading
+from alignment.config import to_run_config
+from alignment.context import RunContext
+from alignment.methods import smpo
+from alignment.methods.pairwise import PairLogps, Progress, Window, total_loss
+from alignment.methods.smpo import SMPO_LOSSES, SmpoConfig, SmpoVariant, margin_at, smpo_loss
+
+
+def means(chosen: list[float], rejected: list[float]) -> PairLogps:
+    """Pairs whose mean log-probs are the given values: sums over 4 chosen and 2 rejected tokens."""
+    n = len(chosen)
+    return PairLogps(
+        torch.tensor([4 * c for c in chosen], dtype=torch.float64, requires_grad=True),
+        torch.tensor([2 * r for r in rejected], dtype=torch.float64, requires_grad=True),
+        torch.full((n,), 4.0, dtype=torch.float64),
+        torch.full((n,), 2.0, dtype=torch.float64),
+    )
+
+
+# Δ = 0.1, 0.35, -0.65 and 0.6.
+POLICY_DELTAS = ([-0.5, -1.0, -1.0, -0.4], [-0.6, -1.35, -0.35, -1.0])
+
+
+def per_pair(variant: SmpoVariant, **kwargs: Any) -> list[float]:
+    hyper = {"beta": 1.2, "margin": 0.35, "chosen_sft_ratio": 0.8, **kwargs}
+    return smpo_loss(means(*POLICY_DELTAS), loss_type=variant, **hyper).per_pair_loss.detach().tolist()
+
+
+# --- hand-computed values ---------------------------------------------------------------------------------------
+
+
+def test_smooth_lower_bound_values_and_limit() -> None:
+    # max(0, -z)^2: z = -0.3 -> 0.09; z = 0 -> 0 (limit: zero once Δ >= m); z = -1.2 -> 1.44; z = 0.3 -> 0.
+    assert per_pair(SmpoVariant.smooth_lower_bound) == pytest.approx([0.09, 0.0, 1.44, 0.0])
+    # And no gradient once the margin is reached.
+    policy = means([-0.4], [-1.0])
+    smpo_loss(policy, beta=1.2, margin=0.35, chosen_sft_ratio=0.8).per_pair_loss.sum().backward()
+    assert policy.chosen.grad is not None
+    assert policy.chosen.grad.tolist() == [0.0]
+
+
+def test_sigmoid_values_and_limit() -> None:
+    # -log sigmoid(z) = softplus(-z): z = -0.3 -> 0.8543552; z = 0 -> log 2 = 0.6931472; z = -1.2 -> 1.4632824;
+    # z = 0.3 -> 0.5543552.
+    assert per_pair(SmpoVariant.sigmoid) == pytest.approx([0.8543552, 0.6931472, 1.4632824, 0.5543552], abs=1e-6)
+    # Limit: z -> +inf gives 0 (Δ = 100: z ~ 119.6, softplus(-119.6) ~ 1e-52).
+    far = means([0.0], [-100.0])
+    limit = smpo_loss(far, beta=1.2, margin=0.35, chosen_sft_ratio=0.8, loss_type=SmpoVariant.sigmoid)
+    assert limit.per_pair_loss.detach().tolist() == pytest.approx([0.0], abs=1e-12)
+
+
+def test_hinge_values_and_limit() -> None:
+    # max(0, -z), no offset of 1: 0.3, 0 (limit: zero from Δ = m on), 1.2, 0.
+    assert per_pair(SmpoVariant.hinge) == pytest.approx([0.3, 0.0, 1.2, 0.0])
+
+
+def test_ipo_values_and_limit() -> None:
+    # z^2: 0.09, 0 (limit: zero exactly at Δ = m), 1.44, 0.09 (symmetric: overshooting the margin costs too).
+    assert per_pair(SmpoVariant.ipo) == pytest.approx([0.09, 0.0, 1.44, 0.09])
+
+
+def test_zero_margin_limit_is_the_plain_difference() -> None:
+    # m = 0: z = beta * Δ; for Δ = 0.1, hinge gives max(0, -0.12) = 0 and ipo gives 0.0144.
+    assert per_pair(SmpoVariant.ipo, margin=0.0)[0] == pytest.approx(0.0144)
+    assert per_pair(SmpoVariant.hinge, margin=0.0)[0] == 0.0
+
+
+def test_total_weights_chosen_and_rejected_nll_and_logs_metrics() -> None:
+    # One pair, Δ = 0.1: f = 0.09; chosen NLL = 2.0 / 4 = 0.5, rejected NLL = 1.2 / 2 = 0.6 (token means);
+    # total = 0.09 + 0.8 * 0.5 + 0.2 * 0.6 = 0.61.
+    policy = means([-0.5], [-0.6])
+    out = smpo_loss(policy, beta=1.2, margin=0.35, chosen_sft_ratio=0.8)
+    assert (out.chosen_nll_weight, out.rejected_nll_weight) == pytest.approx((0.8, 0.2))
+    assert float(total_loss(out, policy, Window.of(policy)).detach()) == pytest.approx(0.61)
+    assert out.metrics == pytest.approx({"target_margin": 0.35, "chosen_sft_loss": 0.5, "rejected_sft_loss": 0.6})
+    # Rewards are beta times the mean log-probs, so rewards/accuracies counts mean chosen > mean rejected.
+    assert out.chosen_reward.tolist() == pytest.approx([-0.6])
+    assert out.rejected_reward.tolist() == pytest.approx([-0.72])
+    # r = 1 drops the rejected NLL; r = 0 the chosen one.
+    assert smpo_loss(policy, beta=1.2, margin=0.35, chosen_sft_ratio=1.0).rejected_nll_weight == 0.0
+    assert smpo_loss(policy, beta=1.2, margin=0.35, chosen_sft_ratio=0.0).chosen_nll_weight == 0.0
+
+
+@pytest.mark.parametrize("variant", list(SMPO_LOSSES))
+def test_every_variant_has_finite_gradients(variant: SmpoVariant) -> None:
+    policy = means([-3.0, -0.01, -20.0], [-0.2, -5.0, -20.0])
+    out = smpo_loss(policy, beta=1.2, margin=0.2, chosen_sft_ratio=0.8, loss_type=variant)
+    assert out.per_pair_loss.shape == (3,)
+    total_loss(out, policy, Window.of(policy)).backward()
+    for grad in (policy.chosen.grad, policy.rejected.grad):
+        assert grad is not None
+        assert torch.isfinite(grad).all()
+
+
+# --- the margin schedule ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.01),  # the initial margin
+        (50, 0.18),  # 0.01 + (0.35 - 0.01) * 0.5
+        (100, 0.35),  # the target at max_steps
+        (150, 0.35),  # and held there beyond
+    ],
+)
+def test_margin_schedule(step: int, expected: float) -> None:
+    assert margin_at(Progress(step, 100), target_margin=0.35, scheduled=True) == pytest.approx(expected)
+    assert margin_at(Progress(step, 100), target_margin=0.35, scheduled=False) == 0.35
+
+
+def test_loss_fn_uses_the_scheduled_margin() -> None:
+    policy = means([-0.5], [-0.6])
+    out = smpo._loss_fn(policy, None, Progress(50, 100), cfg=SmpoConfig())
+    # Δ = 0.1, m = 0.18: z = 1.2 * -0.08 = -0.096 -> 0.009216.
+    assert out.metrics["target_margin"] == pytest.approx(0.18)
+    assert out.per_pair_loss.tolist() == pytest.approx([0.009216])
+
+
+def test_config_defaults_and_checks() -> None:
+    cfg = SmpoConfig()
+    assert (cfg.beta, cfg.target_margin, cfg.chosen_sft_ratio, cfg.use_margin_schedule) == (1.2, 0.35, 0.8, True)
+    assert cfg.loss_type is SmpoVariant.smooth_lower_bound
+    with pytest.raises(ValueError, match="target_margin"):
+        SmpoConfig(target_margin=-0.1)
+    with pytest.raises(ValueError, match="chosen_sft_ratio"):
+        SmpoConfig(chosen_sft_ratio=1.5)
+
+
+# --- trainer invariants on the tiny random Llama -------------------------------------------------------------------
+
+ONE_SGD_STEP = [
+    "model=tiny_random",
+    "logger=none",
+    "method=smpo",
+    "data.eval_fraction=0",
+    "method.max_steps=1",
+    "method.logging_steps=1",
+    "method.optim=sgd",
+    "method.learning_rate=1.0",
+    "method.max_grad_norm=0",
+    "method.save_strategy=no",
+    "method.eval_strategy=no",
+    "method.max_length=512",
+]
+# Four pairs whose completions differ in length (so per-micro-batch token means would not add up).
+PAIRS = [
+    ("Hi", "Hello there! How can I help you today? " * 2, "Go away."),
+    ("What is 2+2?", "4", "The answer is five, as everyone surely knows by now."),
+    ("Name a colour.", "Blue, like the sky on a clear summer day.", "Seven"),
+    ("Say yes.", "Yes.", "No, I will not say that, and I will explain why at length."),
+]
+
+
+@dataclass
+class Captured:
+    """The model ``run`` trained and a copy of its parameters right after loading."""
+
+    model: Any = None
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
+    box = Captured()
+    real = model_loading.load_model
+
+    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
+        box.model = real(*args, **kwargs)
+        box.initial = box.trainable()
+        return box.model
+
+    monkeypatch.setattr(model_loading, "load_model", load_and_keep)
+    return box
+
+
+@pytest.fixture
+def pairs_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
+        for p, c, r in PAIRS
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _run(compose: Any, out: Path, overrides: list[str]) -> dict[str, float]:
+    cfg = to_run_config(compose(overrides))
+    return smpo.run(cfg, RunContext(output_dir=out, name=out.name, group=None))
+
+
+def _logs(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _one_step(compose: Any, out: Path, pairs_file: Path, box: Captured, overrides: list[str]) -> dict[str, Any]:
+    _run(compose, out, [*ONE_SGD_STEP, f"data.sources=[{{path:'{pairs_file}'}}]", *overrides])
+    (logged,) = [e for e in _logs(out) if "loss" in e]
+    return {"params": box.trainable(), "loss": logged["loss"], "grad_norm": logged["grad_norm"], "log": logged}
+
+
+def test_grad_accumulation_1x4_equals_4x1(compose: Any, tmp_path: Path, pairs_file: Path, captured: Captured) -> None:
+    """One SGD step: four micro-batches of one pair ≡ one micro-batch of four pairs (loss, grad norm, weights)."""
+    micro = _one_step(
+        compose,
+        tmp_path / "1x4",
+        pairs_file,
+        captured,
+        ["method.per_device_train_batch_size=1", "method.gradient_accumulation_steps=4"],
+    )
+    initial = captured.initial
+    whole = _one_step(
+        compose,
+        tmp_path / "4x1",
+        pairs_file,
+        captured,
+        ["method.per_device_train_batch_size=4", "method.gradient_accumulation_steps=1"],
+    )
+    assert all(torch.equal(initial[n], captured.initial[n]) for n in initial)  # same starting point
+    assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+    assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    worst = max(initial, key=lambda n: (micro["params"][n] - whole["params"][n]).abs().max().item())
+    assert torch.allclose(micro["params"][worst], whole["params"][worst], rtol=0, atol=1e-5), worst
+    assert any(not torch.equal(whole["params"][n], initial[n]) for n in initial)  # the step did move them
+    assert whole["log"]["target_margin"] == pytest.approx(0.01)  # step 0 of the schedule
+    for key in ("rewards/accuracies", "logps/chosen", "chosen_sft_loss", "rejected_sft_loss"):
+        assert key in whole["log"], key
+
+
+def test_run_trains_every_parameter_and_evaluates(compose: Any, tmp_path: Path, captured: Captured) -> None:
+    overrides = [
+        "model=tiny_random",
+        "logger=none",
+        "method=smpo",
+        "data=demo",
+        "data.num_train_samples=8",
+        "data.max_eval_samples=4",
+        "method.max_steps=2",
+        "method.per_device_train_batch_size=2",
+        "method.per_device_eval_batch_size=4",
+        "method.logging_steps=1",
+        "method.learning_rate=1e-3",
+        "method.save_strategy=no",
+        "method.max_length=128",
+    ]
+    metrics = _run(compose, tmp_path, overrides)
+    assert math.isfinite(metrics["train_loss"])
+    assert math.isfinite(metrics["eval_loss"])
+    final = captured.trainable()
+    unchanged = [n for n in final if torch.equal(final[n], captured.initial[n])]
+    assert not unchanged, unchanged
+    margins = [e["target_margin"] for e in _logs(tmp_path) if "loss" in e]
+    assert margins == pytest.approx([0.01, 0.18])  # steps 0 and 1 of 2
+
+
+# --- learning check on the real model -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_preference_accuracy_rises(compose: Any, tmp_path: Path) -> None:
+    """Held-out pairs: the fraction with mean log-prob chosen > rejected rises above its value before training."""
+    overrides = [
+        "model=smollm2_135m",
+        "logger=none",
+        "method=smpo",
+        "data=demo",
+        "data.max_eval_samples=32",
+        "method.max_steps=6",
+        "method.per_device_train_batch_size=4",
+        "method.per_device_eval_batch_size=32",
+        "method.learning_rate=5e-5",
+        "method.use_margin_schedule=false",
+        "method.logging_steps=3",
+        "method.eval_steps=6",
+        "method.save_strategy=no",
+        "method.max_length=128",
+    ]
+    _run(compose, tmp_path, overrides)
+    evals = [e for e in _logs(tmp_path) if "eval_rewards/accuracies" in e]
+    before, after = evals[0]["eval_rewards/accuracies"], evals[-1]["eval_rewards/accuracies"]
+    print(f"SMPO held-out preference accuracy: {before:.3f} -> {after:.3f}")
+    assert evals[0]["step"] == 0
+    assert after > before
