@@ -196,3 +196,61 @@ def test_every_bad_row_is_named_before_training(tmp_path: Path) -> None:
             assert any(fragment in line for line in located), (fragment, located)
     assert f"{data}:1:" not in out
     assert f"{data}:5:" not in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["method=smpo", "method.beta=1.5"], {"name": "smpo", "beta": 1.5}),
+        (
+            ["method=dpo", "method.loss_type=[sigmoid,sft]", "method.loss_weights=[1.0,0.5]"],
+            {"name": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        ),
+    ],
+)
+def test_preference_method_examples_compose(tmp_path: Path, overrides: list[str], expected: dict[str, object]) -> None:
+    """The issue's command-line examples compose to the values typed."""
+    result = launch([*overrides, "--cfg", "job"], cwd=tmp_path)
+    assert result.returncode == 0, _output(result)
+    method = yaml.safe_load(result.stdout[result.stdout.index("model:") :])["method"]
+    assert {key: method[key] for key in expected} == expected
+
+
+def test_wrong_dpo_loss_type_lists_the_allowed_ones(tmp_path: Path) -> None:
+    result = launch(["method=dpo", "method.loss_type=[sigmoid,simpo]"], cwd=tmp_path)
+    out = _output(result)
+    assert result.returncode != 0
+    assert "method.loss_type" in out
+    for allowed in ("sigmoid", "hinge", "ipo", "exo_pair", "bco_pair", "discopop", "sigmoid_norm"):
+        assert allowed in out
+
+
+@pytest.mark.slow
+def test_sweep_over_preference_methods_on_the_demo_data(tmp_path: Path) -> None:
+    """``-m method=dpo,smpo,simpo`` trains each on the default demo data: one job directory per method."""
+    result = launch(
+        [
+            "-m",
+            "model=tiny_random",
+            "method=dpo,smpo,simpo",
+            "method.max_steps=2",
+            "method.eval_steps=2",
+            "method.save_strategy=no",
+            "method.per_device_train_batch_size=2",
+            "logger=none",
+            "data.max_eval_samples=4",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, _output(result)[-4000:]
+    jobs = _job_dirs(tmp_path)
+    assert [yaml.safe_load((job / "config.yaml").read_text())["method"]["name"] for job in jobs] == [
+        "dpo",
+        "smpo",
+        "simpo",
+    ]
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text(encoding="utf-8"))
+        assert math.isfinite(results["train_loss"])
+        assert "eval_rewards/accuracies" in results
+        assert (job / "model" / "config.json").is_file()

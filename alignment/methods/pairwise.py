@@ -61,6 +61,10 @@ class PairLogps:
     """Completion tokens of each chosen sequence (float)."""
     rejected_tokens: torch.Tensor
     """Completion tokens of each rejected sequence (float)."""
+    shaped: PairLogps | None = None
+    """The same sums over token log-probs reshaped by a :data:`TokenShaper` (None without one). Only losses that
+    ask for it read it (SMPO's preference term); the NLL terms, the logged ``logps/*`` and the reference always use
+    the plain sums above."""
 
     @property
     def chosen_mean(self) -> torch.Tensor:
@@ -74,7 +78,8 @@ class PairLogps:
 
     def detach(self) -> PairLogps:
         """The same values without autograd history."""
-        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
+        shaped = self.shaped.detach() if self.shaped is not None else None
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens, shaped)
 
 
 @dataclass
@@ -123,6 +128,16 @@ class Window:
 
 LossFn = Callable[[PairLogps, PairLogps | None, Progress], PreferenceLoss]
 """``loss_fn(policy, reference, progress)``; ``reference`` is None for reference-free methods."""
+
+TokenShaper = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``token_shaper(token_logps, targets, sequence_ids, mask, num_pairs) -> token_logps``: reshapes the policy's
+per-token log-probs of one packed micro-batch before the per-sequence sums of :attr:`PairLogps.shaped`.
+
+All tensors are flat over the packed row's shifted positions: ``token_logps`` (float, zero where ``mask`` is
+False), ``targets`` (the predicted token ids, ``-100`` outside completions), ``sequence_ids`` (which of the ``2 *
+num_pairs`` sequences each position belongs to: chosen ``0..num_pairs-1``, then rejected), ``mask`` (completion
+positions). Positions outside ``mask`` are zeroed after the call whatever it returns. Never applied to the
+reference."""
 
 
 def total_loss(out: PreferenceLoss, policy: PairLogps, window: Window) -> torch.Tensor:
@@ -302,8 +317,13 @@ def _attention_kwargs(model: PreTrainedModel, position_ids: torch.Tensor, sequen
     return {"attention_mask": additive}
 
 
-def sequence_logps(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> PairLogps:
-    """One forward over the packed row; per-sequence summed completion log-probs and token counts."""
+def sequence_logps(
+    model: PreTrainedModel, batch: Mapping[str, torch.Tensor], token_shaper: TokenShaper | None = None
+) -> PairLogps:
+    """One forward over the packed row; per-sequence summed completion log-probs and token counts.
+
+    With a ``token_shaper`` the sums of its reshaped token log-probs come too, as :attr:`PairLogps.shaped`.
+    """
     input_ids, labels = batch["input_ids"], batch["labels"]
     position_ids, sequence_ids = batch["position_ids"], batch["sequence_ids"]
     outputs = model(
@@ -323,7 +343,12 @@ def sequence_logps(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) ->
     sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
     tokens = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, mask.float())
     half = count // 2
-    return PairLogps(sums[:half], sums[half:], tokens[:half], tokens[half:])
+    shaped = None
+    if token_shaper is not None:
+        reshaped = torch.where(mask, token_shaper(token_logps, targets, owner, mask, half), 0.0)
+        shaped_sums = torch.zeros_like(sums).index_add(0, owner, reshaped)
+        shaped = PairLogps(shaped_sums[:half], shaped_sums[half:], tokens[:half], tokens[half:])
+    return PairLogps(sums[:half], sums[half:], tokens[:half], tokens[half:], shaped)
 
 
 # --- the trainer -------------------------------------------------------------------------------------------
@@ -466,9 +491,18 @@ def _resolve_kind(kind: ReferenceKind, lora: bool) -> ReferenceKind:
 
 
 def run_pairwise(
-    cfg: RunConfig, ctx: RunContext, loss_fn: LossFn, *, max_length: int, reference_kind: ReferenceKind | None
+    cfg: RunConfig,
+    ctx: RunContext,
+    loss_fn: LossFn,
+    *,
+    max_length: int,
+    reference_kind: ReferenceKind | None,
+    token_shaper: TokenShaper | None = None,
 ) -> dict[str, float]:
-    """Validate and tokenise pairs, set up the reference (None: reference-free), train, save; final metrics."""
+    """Validate and tokenise pairs, set up the reference (None: reference-free), train, save; final metrics.
+
+    ``token_shaper`` (optional) reshapes the policy's token log-probs into :attr:`PairLogps.shaped`.
+    """
     from alignment.callbacks import MetricsJsonlCallback
     from alignment.data.mix import build_splits
     from alignment.loggers import report_to
@@ -520,6 +554,7 @@ def run_pairwise(
         callbacks=[MetricsJsonlCallback(ctx.output_dir / "metrics.jsonl")],
         loss_fn=loss_fn,
         reference=reference,
+        token_shaper=token_shaper,
     )
     result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
     metrics: dict[str, float] = dict(result.metrics)

@@ -17,6 +17,7 @@ from alignment.methods.pairwise import (
     PreferenceLoss,
     Progress,
     Reference,
+    TokenShaper,
     Window,
     batch_window,
     merge_windows,
@@ -29,10 +30,19 @@ from alignment.methods.pairwise import (
 class PairwiseTrainer(Trainer):
     """An HF Trainer whose loss is a method's pure pairwise loss over one packed forward."""
 
-    def __init__(self, *args: Any, loss_fn: LossFn, reference: Reference | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        loss_fn: LossFn,
+        reference: Reference | None,
+        token_shaper: TokenShaper | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
         self.reference = reference
+        self.token_shaper = token_shaper
+        """Reshapes the policy's token log-probs into ``PairLogps.shaped`` (never the reference's)."""
         # The loss is normalised over the optimizer step by `_get_num_items_in_batch`, not divided by HF.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -57,7 +67,7 @@ class PairwiseTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         """Policy (and reference) log-probs, the method's loss, and this micro-batch's share of the step's loss."""
-        policy = sequence_logps(model, inputs)
+        policy = sequence_logps(model, inputs, self.token_shaper)
         reference = self.reference.logps(model, inputs) if self.reference is not None else None
         progress = Progress(self.state.global_step, max(self.state.max_steps, 1))
         out = self.loss_fn(policy, reference, progress)

@@ -283,6 +283,35 @@ def test_packed_forward_through_a_data_parallel_wrapper(tiny_random_path: str, t
     torch.testing.assert_close(wrapped.rejected, direct.rejected)
 
 
+def test_token_shaper_reshapes_only_the_shaped_sums(tiny_random_path: str, tiny_pairs: Dataset) -> None:
+    model = _tiny(tiny_random_path)
+    batch = PairCollator()(list(tiny_pairs))
+    seen: dict[str, Any] = {}
+
+    def shaper(logps: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, mask: Any, pairs: int) -> torch.Tensor:
+        seen.update(targets=targets, ids=ids, mask=mask, pairs=pairs, logps=logps)
+        # Doubled on completion tokens, garbage (NaN) elsewhere: the forward must drop what lies outside the mask.
+        return torch.where(mask, 2 * logps, float("nan"))
+
+    with torch.no_grad():
+        plain = sequence_logps(model, batch)
+        both = sequence_logps(model, batch, shaper)
+    assert plain.shaped is None
+    assert both.shaped is not None
+    torch.testing.assert_close(both.chosen, plain.chosen)  # the plain sums are untouched
+    torch.testing.assert_close(both.rejected, plain.rejected)
+    torch.testing.assert_close(both.shaped.chosen, 2 * plain.chosen)
+    torch.testing.assert_close(both.shaped.rejected, 2 * plain.rejected)
+    assert torch.equal(both.shaped.chosen_tokens, plain.chosen_tokens)
+    # What the shaper sees: flat shifted positions, sequence ids, completion mask and the pair count.
+    assert seen["pairs"] == len(tiny_pairs)
+    assert torch.equal(seen["targets"], batch["labels"][0, 1:])
+    assert torch.equal(seen["ids"], batch["sequence_ids"][0, 1:])
+    assert torch.equal(seen["mask"], batch["labels"][0, 1:] != IGNORE_INDEX)
+    assert bool((seen["logps"][~seen["mask"]] == 0).all())
+    assert both.detach().shaped is not None
+
+
 def test_collator_packs_chosen_then_rejected_with_restarting_positions(smollm2_tokenizer: Any) -> None:
     rows = list(tokenize_pairs(Dataset.from_list(PAIRS[:2]), smollm2_tokenizer, max_length=512))
     batch = PairCollator()(rows)
@@ -484,6 +513,31 @@ def test_adapters_reference_is_the_base_model(tiny_random_path: str, tiny_pairs:
     torch.testing.assert_close(reference.chosen, base.chosen.detach(), rtol=0, atol=1e-5)
     torch.testing.assert_close(reference.rejected, base.rejected.detach(), rtol=0, atol=1e-5)
     assert not reference.chosen.requires_grad
+
+
+def test_reference_log_probs_are_never_shaped(tiny_random_path: str, tiny_pairs: Dataset, tmp_path: Path) -> None:
+    seen: list[tuple[PairLogps, PairLogps | None]] = []
+
+    def capture(policy: PairLogps, reference: PairLogps | None, progress: Progress) -> PreferenceLoss:
+        seen.append((policy, reference))
+        return dpo_like(policy, reference, progress)
+
+    trainer = _trainer(tiny_random_path, tmp_path, tiny_pairs)
+    trainer.loss_fn = capture
+    trainer.token_shaper = lambda logps, targets, ids, mask, pairs: logps - 1.0
+    batch = PairCollator()(list(tiny_pairs))
+    assert trainer.reference is not None
+    assert trainer.reference.model is not None
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=batch_window(batch))
+        unshaped = sequence_logps(trainer.reference.model, batch)
+    ((policy, reference),) = seen
+    assert reference is not None
+    assert reference.shaped is None
+    torch.testing.assert_close(reference.chosen, unshaped.chosen)
+    torch.testing.assert_close(reference.rejected, unshaped.rejected)
+    assert policy.shaped is not None
+    torch.testing.assert_close(policy.shaped.chosen, policy.chosen - policy.chosen_tokens)
 
 
 def test_precomputed_columns_are_used_as_the_reference() -> None:
