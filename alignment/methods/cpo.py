@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn.functional import logsigmoid
 
-from alignment.methods.common import MethodConfig
-from alignment.methods.pairwise import PairLogps, PreferenceLoss, Progress
+from alignment.methods.pairwise import PairLogps, PairwiseConfig, PreferenceLoss, Progress
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -47,7 +46,7 @@ class CpoVariant(StrEnum):
 
 
 @dataclass
-class CpoConfig(MethodConfig):
+class CpoConfig(PairwiseConfig):
     """Contrastive Preference Optimization (reference-free)."""
 
     name: str = "cpo"
@@ -62,8 +61,6 @@ class CpoConfig(MethodConfig):
     """SimPO target reward margin gamma (``loss_type=simpo`` only), on the β-scaled scale."""
     cpo_alpha: float = 1.0
     """Weight of the chosen completions' token-mean NLL (0 gives pure SimPO with ``loss_type=simpo``)."""
-    max_length: int = 1024
-    """Tokens per prompt + completion; longer pairs are cut at the completion's end (counted and reported)."""
 
     def __post_init__(self) -> None:
         if self.label_smoothing and self.loss_type not in SMOOTHED:

@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from alignment.methods.common import MethodConfig
-from alignment.methods.pairwise import PairLogps, PreferenceLoss, Progress, ReferenceKind, run_pairwise
+from alignment.methods.pairwise import PairLogps, PairwiseConfig, PreferenceLoss, Progress, ReferenceKind, run_pairwise
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -72,7 +71,7 @@ SMOOTHED = frozenset({DpoLossType.exo_pair, DpoLossType.robust, DpoLossType.aot,
 
 
 @dataclass
-class DpoConfig(MethodConfig):
+class DpoConfig(PairwiseConfig):
     """Direct Preference Optimization and TRL's DPO loss family."""
 
     name: str = "dpo"
@@ -91,8 +90,6 @@ class DpoConfig(MethodConfig):
     """Temperature of DiscoPOP's mixing sigmoid."""
     reference: ReferenceKind = ReferenceKind.auto
     """Where reference log-probs come from: a frozen copy, the policy without adapters, or precomputed."""
-    max_length: int = 1024
-    """Tokens per sequence (prompt + completion); longer pairs lose the completion's tail (counted, logged)."""
 
     def __post_init__(self) -> None:
         types = [DpoLossType(t) for t in self.loss_type]

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn.functional import logsigmoid
 
-from alignment.methods.common import MethodConfig
-from alignment.methods.pairwise import PairLogps, PreferenceLoss, Progress
+from alignment.methods.pairwise import PairLogps, PairwiseConfig, PreferenceLoss, Progress
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -35,15 +34,13 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class OrpoConfig(MethodConfig):
+class OrpoConfig(PairwiseConfig):
     """Odds Ratio Preference Optimization (reference-free; NLL on chosen plus an odds-ratio term)."""
 
     name: str = "orpo"
     """Registry key."""
     beta: float = 0.1
     """Weight λ of the odds-ratio term relative to the chosen NLL (TRL ``beta``)."""
-    max_length: int = 1024
-    """Tokens per prompt + completion; longer pairs are cut at the completion's end (counted and reported)."""
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

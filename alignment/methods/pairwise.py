@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ import torch
 
 from alignment.data.chat_template import IGNORE_INDEX, Message, tokenize_conversation
 from alignment.data.validate import message_list_problems, require_columns
+from alignment.methods.common import MethodConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -44,6 +45,17 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("prompt", "chosen", "rejected", "margin")
 """Columns kept on load; ``prompt`` (implicit-prompt rows) and ``margin`` may be absent and then are null."""
+
+
+@dataclass
+class PairwiseConfig(MethodConfig):
+    """Settings every pairwise preference method shares (DPO, CPO, SimPO, ORPO, SMPO)."""
+
+    max_length: int = 1024
+    """Tokens per prompt + completion; longer pairs lose the completion's tail (counted and logged)."""
+    max_tokens_per_batch: int | None = None
+    """Token budget per micro-batch: pairs (both sides) are grouped up to this many tokens, at least one pair per
+    micro-batch; replaces ``per_device_train_batch_size`` for training when set. None: fixed pair count."""
 
 
 # --- what a loss function sees and returns -------------------------------------------------------------------
@@ -264,6 +276,49 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
 
 
 # --- batching and the forward ------------------------------------------------------------------------------
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Micro-batches of whole pairs holding at most ``budget`` tokens (both sides), in a seeded shuffled order.
+
+    Pairs are taken in a fresh random order each epoch (seed + epoch) and added to the current micro-batch while
+    it stays within the budget; a pair longer than the budget trains alone. Every pair appears once per epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], budget: int, seed: int) -> None:
+        if budget < 1:
+            raise ValueError(f"max_tokens_per_batch must be >= 1, got {budget}")
+        self.lengths = list(lengths)
+        self.budget = budget
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for a new epoch."""
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's micro-batches (deterministic for a seed and epoch)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        out: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for index in torch.randperm(len(self.lengths), generator=generator).tolist():
+            if current and used + self.lengths[index] > self.budget:
+                out.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += self.lengths[index]
+        if current:
+            out.append(current)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Yield the epoch's micro-batches as lists of dataset indices."""
+        yield from self.batches()
+
+    def __len__(self) -> int:
+        return len(self.batches())
 
 
 @dataclass
@@ -555,6 +610,7 @@ def run_pairwise(
         loss_fn=loss_fn,
         reference=reference,
         token_shaper=token_shaper,
+        max_tokens_per_batch=method.max_tokens_per_batch if isinstance(method, PairwiseConfig) else None,
     )
     result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
     metrics: dict[str, float] = dict(result.metrics)

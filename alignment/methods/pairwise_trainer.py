@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from alignment.methods.pairwise import (
@@ -17,6 +18,7 @@ from alignment.methods.pairwise import (
     PreferenceLoss,
     Progress,
     Reference,
+    TokenBudgetBatchSampler,
     TokenShaper,
     Window,
     batch_window,
@@ -36,9 +38,11 @@ class PairwiseTrainer(Trainer):
         loss_fn: LossFn,
         reference: Reference | None,
         token_shaper: TokenShaper | None = None,
+        max_tokens_per_batch: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.loss_fn = loss_fn
         self.reference = reference
         self.token_shaper = token_shaper
@@ -50,6 +54,22 @@ class PairwiseTrainer(Trainer):
             # The Trainer places only the policy; a frozen copy left on the CPU would meet GPU batches.
             place(reference.model, self.args.device)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def get_train_dataloader(self) -> Any:
+        """Fixed pairs per micro-batch, or whole pairs up to ``max_tokens_per_batch`` tokens each."""
+        if self.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        dataset: Any = self.train_dataset
+        sides = zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"], strict=True)
+        lengths = [len(chosen) + len(rejected) for chosen, rejected in sides]
+        sampler = TokenBudgetBatchSampler(lengths, self.max_tokens_per_batch, self.args.seed)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        return self.accelerator.prepare(loader)
 
     def _get_num_items_in_batch(self, batch_samples: list[Any], device: torch.device) -> Any:
         window = merge_windows([batch_window(b) for b in batch_samples])

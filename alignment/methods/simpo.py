@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from alignment.methods.common import MethodConfig
 from alignment.methods.cpo import hinge_loss, sigmoid_loss
-from alignment.methods.pairwise import PairLogps, PreferenceLoss, Progress
+from alignment.methods.pairwise import PairLogps, PairwiseConfig, PreferenceLoss, Progress
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -44,7 +43,7 @@ class SimpoVariant(StrEnum):
 
 
 @dataclass
-class SimpoConfig(MethodConfig):
+class SimpoConfig(PairwiseConfig):
     """Simple Preference Optimization (reference-free, length-normalised)."""
 
     name: str = "simpo"
@@ -59,8 +58,6 @@ class SimpoConfig(MethodConfig):
     """Probability ε that a pair's label is flipped (``sigmoid`` only), in [0, 0.5]."""
     sft_weight: float = 0.0
     """Weight of the chosen completions' token-mean NLL."""
-    max_length: int = 1024
-    """Tokens per prompt + completion; longer pairs are cut at the completion's end (counted and reported)."""
 
     def __post_init__(self) -> None:
         if self.label_smoothing and self.loss_type is not SimpoVariant.sigmoid:

@@ -49,8 +49,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn.functional import logsigmoid
 
-from alignment.methods.common import MethodConfig
-from alignment.methods.pairwise import PairLogps, PreferenceLoss, Progress, TokenShaper
+from alignment.methods.pairwise import PairLogps, PairwiseConfig, PreferenceLoss, Progress, TokenShaper
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -70,7 +69,7 @@ class SmpoVariant(StrEnum):
 
 
 @dataclass
-class SmpoConfig(MethodConfig):
+class SmpoConfig(PairwiseConfig):
     """Simple Margin Preference Optimization (reference-free, length-normalised, balancing SFT terms)."""
 
     name: str = "smpo"
@@ -85,8 +84,6 @@ class SmpoConfig(MethodConfig):
     """Preference term."""
     use_margin_schedule: bool = True
     """Ramp the margin linearly from 0.01 at step 0 to ``target_margin`` at ``max_steps``."""
-    max_length: int = 1024
-    """Tokens per prompt + completion; longer pairs are cut at the completion's end (counted and reported)."""
     invert_rejected_eos: bool = False
     """Negate the log-prob of the tokenizer's EOS token in rejected completions (preference term only), so that
     lowering the rejected likelihood does not teach the model to avoid ending. Off in the original (no effect)."""
