@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -143,3 +144,20 @@ def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: 
         "dataloader_num_workers": cfg.dataloader_num_workers,
         "resume_from_checkpoint": cfg.resume_from_checkpoint,
     }
+
+
+def train_and_save(trainer: Any, *, resume_from_checkpoint: str | None, model_dir: Path) -> dict[str, float]:
+    """Train, evaluate once more if the last step was not evaluated, save the model; return the final metrics.
+
+    The metrics are the train summary plus the latest value of every ``eval_*`` key logged during the run.
+    """
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    metrics: dict[str, float] = dict(result.metrics)
+    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
+    wants_eval = trainer.eval_dataset is not None and trainer.args.eval_strategy != IntervalStrategy.no.value
+    if wants_eval and trainer.state.global_step not in evaluated:
+        trainer.evaluate()
+    for entry in trainer.state.log_history:
+        metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    trainer.save_model(str(model_dir))
+    return metrics

@@ -561,7 +561,7 @@ def run_pairwise(
     from alignment.callbacks import MetricsJsonlCallback
     from alignment.data.mix import build_splits
     from alignment.loggers import report_to
-    from alignment.methods.common import training_kwargs
+    from alignment.methods.common import train_and_save, training_kwargs
     from alignment.models.load import load_model, load_tokenizer
 
     method = cfg.method
@@ -612,12 +612,4 @@ def run_pairwise(
         token_shaper=token_shaper,
         max_tokens_per_batch=method.max_tokens_per_batch if isinstance(method, PairwiseConfig) else None,
     )
-    result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
-    metrics: dict[str, float] = dict(result.metrics)
-    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
-    if evaluation is not None and args.eval_strategy != "no" and trainer.state.global_step not in evaluated:
-        trainer.evaluate()
-    for entry in trainer.state.log_history:
-        metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
-    trainer.save_model(str(ctx.model_dir))
-    return metrics
+    return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
 from alignment.data.validate import ORIGIN, ROLES, message_list_problems, require_columns
-from alignment.methods.common import MethodConfig, training_kwargs
+from alignment.methods.common import MethodConfig, train_and_save, training_kwargs
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -127,13 +127,6 @@ def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftC
     return prompts
 
 
-def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for entry in history:
-        merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
-    return merged
-
-
 def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     """Validate and tokenise the data, load the model, train, save the model/adapter; return final metrics."""
     # Training-only imports stay here so composing a config (``--cfg job``, ``--help``) imports no ML stack.
@@ -183,11 +176,4 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         callbacks=[MetricsJsonlCallback(ctx.output_dir / "metrics.jsonl"), samples],
     )
     samples.trainer = trainer
-    result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
-    metrics: dict[str, float] = dict(result.metrics)
-    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
-    if args.eval_strategy != "no" and trainer.state.global_step not in evaluated:
-        trainer.evaluate()
-    metrics.update(_last_eval(trainer.state.log_history))
-    trainer.save_model(str(ctx.model_dir))
-    return metrics
+    return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)
