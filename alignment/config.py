@@ -18,7 +18,7 @@ from alignment.data.config import DataConfig
 from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerConfig
 from alignment.methods import METHODS
-from alignment.methods.common import MethodConfig
+from alignment.methods.common import TaskConfig
 from alignment.models.config import ModelConfig
 
 
@@ -28,8 +28,8 @@ class RunConfig:
 
     model: ModelConfig = MISSING
     """Model, tokenizer and adapters."""
-    method: MethodConfig = MISSING
-    """Training method and its settings (a subclass of MethodConfig per method)."""
+    method: TaskConfig = MISSING
+    """Training method (a MethodConfig subclass) or data tool, with its settings."""
     data: DataConfig = MISSING
     """Dataset mixture."""
     distributed: DistributedConfig = MISSING

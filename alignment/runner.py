@@ -27,6 +27,7 @@ from alignment.config import RunConfig
 from alignment.context import RunContext
 from alignment.loggers import close_trackers, open_trackers
 from alignment.methods import METHODS
+from alignment.methods.common import MethodConfig
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
         failed = False
     finally:
         close_trackers(cfg.logger, failed=failed)
-    if not cfg.method.keep_checkpoints:
+    if isinstance(cfg.method, MethodConfig) and not cfg.method.keep_checkpoints:
         shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
     # HF pickles TrainingArguments beside the weights; config.yaml is the record, and no pickle ships.
     (ctx.model_dir / "training_args.bin").unlink(missing_ok=True)

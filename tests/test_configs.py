@@ -23,6 +23,7 @@ from alignment.data.config import DataConfig, SourceConfig
 from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerBackend, LoggerConfig
 from alignment.methods import METHODS
+from alignment.methods.common import MethodConfig
 from alignment.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,10 +186,17 @@ def test_method_x_distributed(compose: Any, method: str, distributed: str) -> No
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_registered_method_has_its_three_files(name: str) -> None:
-    """Rule 8: the same stem in ``alignment/methods/``, ``conf/method/`` and ``tests/methods/``."""
-    assert METHODS[name].schema.__module__ == f"alignment.methods.{name}"
+    """Rule 8: the same stem in ``alignment/<kind>/``, ``conf/method/`` and ``tests/<kind>/``.
+
+    ``<kind>`` is ``methods`` for training methods and ``tools`` for data tools (generation, scoring, dedup).
+    """
+    module = METHODS[name].schema.__module__
+    kind = module.split(".")[1]
+    assert kind in ("methods", "tools"), module
+    assert module == f"alignment.{kind}.{name}"
+    assert issubclass(METHODS[name].schema, MethodConfig) == (kind == "methods"), module
     assert (CONF / "method" / f"{name}.yaml").is_file()
-    assert (ROOT / "tests" / "methods" / f"test_{name}.py").is_file()
+    assert (ROOT / "tests" / kind / f"test_{name}.py").is_file()
 
 
 def test_method_options_are_registered(compose: Any) -> None:

@@ -1,7 +1,9 @@
 """Method registry: the only place that maps ``method.name`` to its schema and its ``run`` function.
 
 Adding a method: ``alignment/methods/<name>.py`` (``<Name>Config`` + losses + ``run``), ``conf/method/<name>.yaml``,
-``tests/methods/test_<name>.py`` and one line in :data:`METHODS`.
+``tests/methods/test_<name>.py`` and one line in :data:`METHODS`. A data tool (generation, scoring, dedup) is the
+same with ``alignment/tools/<name>.py`` (a :class:`~alignment.methods.common.TaskConfig` schema, not a
+``MethodConfig``) and ``tests/tools/test_<name>.py``: tools compose, sweep and go to SLURM like methods.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from alignment.methods import cpo, dpo, orpo, sft, simpo, smpo
-from alignment.methods.common import MethodConfig
+from alignment.methods.common import TaskConfig
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -20,9 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Method:
-    """A method's config schema and its entry point ``run(cfg, ctx) -> final metrics``."""
+    """A method's (or tool's) config schema and its entry point ``run(cfg, ctx) -> final metrics``."""
 
-    schema: type[MethodConfig]
+    schema: type[TaskConfig]
     run: Callable[[RunConfig, RunContext], dict[str, float]]
 
 

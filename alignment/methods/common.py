@@ -35,11 +35,17 @@ class SchedulerType(StrEnum):
 
 
 @dataclass
-class MethodConfig:
-    """Method-agnostic training settings; names and meanings follow ``transformers.TrainingArguments``."""
+class TaskConfig:
+    """What the ``method`` group selects: a training method (:class:`MethodConfig`) or a data tool."""
 
     name: str = MISSING
-    """Registry key of the method (``alignment.methods.METHODS``); set by each method's schema."""
+    """Registry key of the method or tool (``alignment.methods.METHODS``); set by each schema."""
+
+
+@dataclass
+class MethodConfig(TaskConfig):
+    """Method-agnostic training settings; names and meanings follow ``transformers.TrainingArguments``."""
+
     learning_rate: float = 2e-5
     """Peak learning rate."""
     lr_scheduler_type: SchedulerType = SchedulerType.linear

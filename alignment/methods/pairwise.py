@@ -565,6 +565,7 @@ def run_pairwise(
     from alignment.models.load import load_model, load_tokenizer
 
     method = cfg.method
+    assert isinstance(method, MethodConfig)
     # Resolved first, so a reference that cannot work fails before any data or model is loaded.
     kind = _resolve_kind(reference_kind, cfg.model.lora.enabled) if reference_kind is not None else None
     tokenizer = load_tokenizer(cfg.model)

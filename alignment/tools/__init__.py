@@ -1,0 +1,1 @@
+"""Data tools run through launch.py like methods: generation, rejection sampling, RM scoring, dedup."""
