@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from alignment.config import to_run_config
-from alignment.context import RunContext
 from alignment.methods import cpo
 from alignment.methods.cpo import CPO_LOSSES, LENGTH_NORMALISED, CpoConfig, CpoVariant, cpo_loss
 from alignment.methods.pairwise import PairCollator, PairLogps, Window, sequence_logps, total_loss
+from tests.methods.helpers import TINY_DEMO_PAIRS, run_method
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -224,23 +223,7 @@ def test_loss_equals_trl_cpo_trainer(
 
 
 def test_run_trains_and_evaluates(compose: Any, tmp_path: Path) -> None:
-    overrides = [
-        "model=tiny_random",
-        "logger=none",
-        "method=cpo",
-        "method.loss_type=simpo",
-        "data=demo",
-        "data.num_train_samples=8",
-        "data.max_eval_samples=4",
-        "method.max_steps=2",
-        "method.per_device_train_batch_size=2",
-        "method.per_device_eval_batch_size=4",
-        "method.logging_steps=1",
-        "method.save_strategy=no",
-        "method.max_length=128",
-    ]
-    cfg = to_run_config(compose(overrides))
-    metrics = cpo.run(cfg, RunContext(output_dir=tmp_path, name="cpo", group=None))
+    metrics = run_method(cpo.run, compose, tmp_path, [*TINY_DEMO_PAIRS, "method=cpo", "method.loss_type=simpo"])
     assert math.isfinite(metrics["train_loss"])
     assert math.isfinite(metrics["eval_loss"])
     assert "eval_rewards/accuracies" in metrics

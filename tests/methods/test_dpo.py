@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-import alignment.models.load as model_loading
 from alignment.config import to_run_config
-from alignment.context import RunContext
 from alignment.methods import METHODS, dpo
 from alignment.methods.dpo import DPO_LOSSES, DpoConfig, DpoLossType, dpo_loss
 from alignment.methods.pairwise import PairLogps, Window, sequence_logps, total_loss
+from tests.methods.helpers import ONE_SGD_STEP, Loaded, pair_row, read_logs, run_method, trainable, write_jsonl
 
 LN3 = math.log(3.0)
 LN2 = math.log(2.0)
@@ -516,87 +515,30 @@ def test_loss_equals_trl_dpo_trainer(
 
 # --- runs on the tiny random Llama -----------------------------------------------------------------------------------
 
-ONE_SGD_STEP = [
-    "model=tiny_random",
-    "method=dpo",
-    "logger=none",
-    "data.eval_fraction=0",
-    "method.max_steps=1",
-    "method.logging_steps=1",
-    "method.optim=sgd",
-    "method.learning_rate=1.0",
-    "method.max_grad_norm=0",
-    "method.save_strategy=no",
-    "method.eval_strategy=no",
-    "method.max_length=512",
-    "method.beta=0.5",
-]
-
-
-def _pair(prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-    }
-
 
 # Completions of very different lengths, so a per-micro-batch token mean (sft) would weigh them wrongly.
 PAIRS = [
-    _pair("Hi", "Hello there! How can I help you today? " * 2, "Go away."),
-    _pair("What is 2+2?", "4", "2 + 2 is 5, as everybody knows."),
-    _pair("Name a colour.", "Blue, like the sky on a clear summer day.", "Car"),
-    _pair("Say yes.", "Yes.", "No, I will not say that."),
+    pair_row("Hi", "Hello there! How can I help you today? " * 2, "Go away."),
+    pair_row("What is 2+2?", "4", "2 + 2 is 5, as everybody knows."),
+    pair_row("Name a colour.", "Blue, like the sky on a clear summer day.", "Car"),
+    pair_row("Say yes.", "Yes.", "No, I will not say that."),
 ]
 
 
-@dataclass
-class Loaded:
-    """Every model a run loads, in order (policy first, then the reference copy), with its starting weights."""
-
-    models: list[Any] = field(default_factory=list)
-    initial: list[dict[str, torch.Tensor]] = field(default_factory=list)
-
-
-def trainable(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.fixture
-def loaded(monkeypatch: pytest.MonkeyPatch) -> Loaded:
-    """Wrap ``load_model`` (imported by ``run_pairwise`` at call time) so the test sees what a run trains."""
-    box = Loaded()
-    real = model_loading.load_model
-
-    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
-        model = real(*args, **kwargs)
-        box.models.append(model)
-        box.initial.append(trainable(model))
-        return model
-
-    monkeypatch.setattr(model_loading, "load_model", load_and_keep)
-    return box
-
-
 def _run(compose: Any, out: Path, overrides: list[str]) -> dict[str, float]:
-    cfg = to_run_config(compose(overrides))
-    return dpo.run(cfg, RunContext(output_dir=out, name=out.name, group=None))
-
-
-def _logs(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return run_method(dpo.run, compose, out, overrides)
 
 
 @pytest.fixture
 def pairs_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
 
 
 def _one_step(compose: Any, out: Path, data: Path, overrides: list[str]) -> dict[str, Any]:
-    _run(compose, out, [*ONE_SGD_STEP, f"data.sources=[{{path:'{data}'}}]", *overrides])
-    (logged,) = [e for e in _logs(out) if "loss" in e]
+    _run(
+        compose, out, ["method=dpo", *ONE_SGD_STEP, "method.beta=0.5", f"data.sources=[{{path:'{data}'}}]", *overrides]
+    )
+    (logged,) = [e for e in read_logs(out) if "loss" in e]
     return logged
 
 
@@ -620,7 +562,7 @@ def test_grad_accumulation_1x4_equals_4x1(compose: Any, tmp_path: Path, pairs_fi
         pairs_file,
         [*rpo, "method.per_device_train_batch_size=4", "method.gradient_accumulation_steps=1"],
     )
-    (micro_model, _, whole_model, _), (start, _, whole_start, _) = loaded.models, loaded.initial
+    (micro_model, _, whole_model, _), (start, _, whole_start, _) = loaded.models, loaded.initials
     assert all(torch.equal(start[n], whole_start[n]) for n in start)  # same starting point
     assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-5)
     assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
@@ -656,10 +598,10 @@ def test_lora_run_trains_adapters_and_logs_preference_metrics(
     final = trainable(policy)
     assert final
     assert all("lora_" in n for n in final)
-    assert all(not torch.equal(final[n], loaded.initial[0][n]) for n in final)
+    assert all(not torch.equal(final[n], loaded.initials[0][n]) for n in final)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert math.isfinite(metrics[f"eval_{key}"]), key
-    first_eval = next(e for e in _logs(out) if "eval_loss" in e)
+    first_eval = next(e for e in read_logs(out) if "eval_loss" in e)
     assert first_eval["step"] == 0
     assert first_eval["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
     assert first_eval["eval_loss"] == pytest.approx(LN2, abs=1e-5)
@@ -693,7 +635,7 @@ def test_smollm2_dpo_raises_held_out_preference_accuracy(compose: Any, tmp_path:
         "method.max_length=128",
     ]
     _run(compose, out, overrides)
-    evals = [e for e in _logs(out) if "eval_loss" in e]
+    evals = [e for e in read_logs(out) if "eval_loss" in e]
     before, after = evals[0], evals[-1]
     assert (before["step"], after["step"]) == (0, 8)
     print({k: (before[k], after[k]) for k in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss")})
@@ -701,6 +643,6 @@ def test_smollm2_dpo_raises_held_out_preference_accuracy(compose: Any, tmp_path:
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
     assert after["eval_rewards/margins"] > 0.0
     assert after["eval_loss"] < before["eval_loss"]
-    losses = [e["loss"] for e in _logs(out) if "loss" in e]
+    losses = [e["loss"] for e in read_logs(out) if "loss" in e]
     assert len(losses) == 8
     assert all(math.isfinite(v) for v in losses)

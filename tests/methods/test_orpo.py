@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from alignment.config import to_run_config
-from alignment.context import RunContext
 from alignment.methods import orpo
 from alignment.methods.orpo import log1mexp, log_odds_ratio, orpo_loss
 from alignment.methods.pairwise import PairCollator, PairLogps, Window, sequence_logps, total_loss
+from tests.methods.helpers import TINY_DEMO_PAIRS, mean_logps, run_method
 
 LOG_HALF, LOG_FIFTH = math.log(0.5), math.log(0.2)
 
@@ -29,13 +28,7 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 def means(chosen: list[float], rejected: list[float]) -> PairLogps:
     """Pairs whose mean log-probs are the given values: sums over 3 chosen and 2 rejected tokens."""
-    n = len(chosen)
-    return PairLogps(
-        torch.tensor([3 * c for c in chosen], dtype=torch.float64, requires_grad=True),
-        torch.tensor([2 * r for r in rejected], dtype=torch.float64, requires_grad=True),
-        torch.full((n,), 3.0, dtype=torch.float64),
-        torch.full((n,), 2.0, dtype=torch.float64),
-    )
+    return mean_logps(chosen, rejected, chosen_tokens=3, rejected_tokens=2)
 
 
 def test_values() -> None:
@@ -145,22 +138,7 @@ def test_loss_equals_trl_orpo_trainer(
 
 
 def test_run_trains_and_evaluates(compose: Any, tmp_path: Path) -> None:
-    overrides = [
-        "model=tiny_random",
-        "logger=none",
-        "method=orpo",
-        "data=demo",
-        "data.num_train_samples=8",
-        "data.max_eval_samples=4",
-        "method.max_steps=2",
-        "method.per_device_train_batch_size=2",
-        "method.per_device_eval_batch_size=4",
-        "method.logging_steps=1",
-        "method.save_strategy=no",
-        "method.max_length=128",
-    ]
-    cfg = to_run_config(compose(overrides))
-    metrics = orpo.run(cfg, RunContext(output_dir=tmp_path, name="orpo", group=None))
+    metrics = run_method(orpo.run, compose, tmp_path, [*TINY_DEMO_PAIRS, "method=orpo"])
     assert math.isfinite(metrics["train_loss"])
     assert math.isfinite(metrics["eval_loss"])
     assert "eval_log_odds_ratio" in metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-import alignment.models.load as model_loading
-from alignment.config import to_run_config
-from alignment.context import RunContext
 from alignment.data.chat_template import render, tokenize_conversation
 from alignment.data.load import ORIGIN
 from alignment.methods import common, sft
 from alignment.methods.common import IntervalStrategy, MethodConfig, SchedulerType, training_kwargs
 from alignment.methods.sft import SftConfig, eval_prompts, row_problems
+from tests.methods.helpers import ONE_SGD_STEP, Loaded, read_logs, run_method
 
 # Short, fast runs: every evaluation generates 2 short samples from a 4-row eval set.
 TINY = [
@@ -38,21 +36,6 @@ TINY = [
     "method.max_new_tokens=4",
     "data.max_eval_samples=4",
 ]
-# One optimizer step of plain SGD on the given rows, nothing else.
-ONE_SGD_STEP = [
-    "model=tiny_random",
-    "logger=none",
-    "data.eval_fraction=0",
-    "method.max_steps=1",
-    "method.logging_steps=1",
-    "method.optim=sgd",
-    "method.learning_rate=1.0",
-    "method.max_grad_norm=0",
-    "method.save_strategy=no",
-    "method.eval_strategy=no",
-    "method.max_length=512",
-]
-# Four conversations of very different trained lengths (22, 2, 10 and 5 loss tokens), one of them multi-turn.
 ROWS = [
     [
         {"role": "user", "content": "Hi"},
@@ -71,34 +54,6 @@ ROWS = [
         {"role": "assistant", "content": "Once upon a time"},
     ],
 ]
-
-
-@dataclass
-class Captured:
-    """The model ``run`` trained (live object) and a copy of its trainable parameters right after loading."""
-
-    model: Any = None
-    initial: dict[str, torch.Tensor] = field(default_factory=dict)
-    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
-    """Wrap ``load_model`` (imported by ``sft.run`` at call time) so the test sees the model a run trains."""
-    box = Captured()
-    real = model_loading.load_model
-
-    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
-        box.model = real(*args, **kwargs)
-        box.initial = box.trainable()
-        box.frozen = {n: p.detach().clone() for n, p in box.model.named_parameters() if not p.requires_grad}
-        return box.model
-
-    monkeypatch.setattr(model_loading, "load_model", load_and_keep)
-    return box
 
 
 @pytest.fixture
@@ -126,16 +81,11 @@ def loss_token_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _run(compose: Any, out: Path, overrides: list[str]) -> dict[str, float]:
-    cfg = to_run_config(compose(overrides))
-    return sft.run(cfg, RunContext(output_dir=out, name=out.name, group=None))
+    return run_method(sft.run, compose, out, overrides)
 
 
 def _data(path: Path) -> list[str]:
     return [f"data.sources=[{{path:'{path}'}}]"]
-
-
-def _logs(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def _assert_params_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
@@ -330,7 +280,7 @@ def test_training_kwargs_auto_bf16_on_gpu_yields_to_fp16(monkeypatch: pytest.Mon
 # --- a run on the tiny random Llama ---------------------------------------------------------------------------------
 
 
-def _assert_every_trainable_param_changed(box: Captured) -> None:
+def _assert_every_trainable_param_changed(box: Loaded) -> None:
     final = box.trainable()
     assert final.keys() == box.initial.keys()
     unchanged = [n for n in final if torch.equal(final[n], box.initial[n])]
@@ -341,7 +291,7 @@ def _assert_run_outputs(out: Path, metrics: dict[str, float]) -> None:
     assert math.isfinite(metrics["train_loss"])
     assert math.isfinite(metrics["eval_loss"])
     assert "eval_exact_match" in metrics
-    logs = _logs(out)
+    logs = read_logs(out)
     assert any("loss" in e for e in logs)
     assert any("eval_loss" in e for e in logs)
     files = sorted((out / "generations").glob("step_*.jsonl"))
@@ -354,31 +304,31 @@ def _assert_run_outputs(out: Path, metrics: dict[str, float]) -> None:
         assert row["prompt"].rstrip().endswith("assistant")
 
 
-def test_run_full_fine_tune(compose: Any, tmp_path: Path, captured: Captured) -> None:
+def test_run_full_fine_tune(compose: Any, tmp_path: Path, loaded: Loaded) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     metrics = _run(compose, out, [*TINY, "method.max_steps=3", "method.eval_steps=2", "method.learning_rate=1e-3"])
     _assert_run_outputs(out, metrics)
     assert {f.name for f in (out / "generations").iterdir()} == {f"step_{s:06d}.jsonl" for s in (0, 2, 3)}
-    _assert_every_trainable_param_changed(captured)
+    _assert_every_trainable_param_changed(loaded)
     saved = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
-    for name, param in captured.model.named_parameters():
+    for name, param in loaded.model.named_parameters():
         assert torch.equal(saved[name], param.detach()), name
 
 
-def test_run_lora_trains_only_adapters(compose: Any, tmp_path: Path, captured: Captured) -> None:
+def test_run_lora_trains_only_adapters(compose: Any, tmp_path: Path, loaded: Loaded) -> None:
     out = tmp_path / "run"
     overrides = [*TINY, "model.lora.enabled=true", "method.max_steps=3", "method.learning_rate=1e-3"]
     metrics = _run(compose, out, overrides)
     _assert_run_outputs(out, metrics)
-    assert captured.initial
-    assert all("lora_" in n for n in captured.initial)
-    _assert_every_trainable_param_changed(captured)
-    assert captured.frozen
-    for name, param in captured.model.named_parameters():
-        if name in captured.frozen:
-            assert torch.equal(param.detach(), captured.frozen[name]), name
+    assert loaded.initial
+    assert all("lora_" in n for n in loaded.initial)
+    _assert_every_trainable_param_changed(loaded)
+    assert loaded.frozen
+    for name, param in loaded.model.named_parameters():
+        if name in loaded.frozen:
+            assert torch.equal(param.detach(), loaded.frozen[name]), name
     assert (out / "model" / "adapter_config.json").is_file()
     assert (out / "model" / "adapter_model.safetensors").is_file()
     assert not (out / "model" / "model.safetensors").exists()
@@ -391,15 +341,15 @@ def test_train_loss_is_finite_with_packing_and_padding_free(compose: Any, tmp_pa
         metrics = _run(compose, out, overrides)
         assert math.isfinite(metrics["train_loss"]), flag
         assert math.isfinite(metrics["eval_loss"]), flag
-        assert [e["step"] for e in _logs(out) if "loss" in e] == [1, 2], flag
+        assert [e["step"] for e in read_logs(out) if "loss" in e] == [1, 2], flag
 
 
 # --- invariants -----------------------------------------------------------------------------------------------------
 
 
-def _one_step(compose: Any, out: Path, rows_file: Path, box: Captured, overrides: list[str]) -> dict[str, Any]:
+def _one_step(compose: Any, out: Path, rows_file: Path, box: Loaded, overrides: list[str]) -> dict[str, Any]:
     _run(compose, out, [*ONE_SGD_STEP, *_data(rows_file), *overrides])
-    (logged,) = [e for e in _logs(out) if "loss" in e]
+    (logged,) = [e for e in read_logs(out) if "loss" in e]
     return {"params": box.trainable(), "loss": logged["loss"], "grad_norm": logged["grad_norm"]}
 
 
@@ -417,7 +367,7 @@ def test_grad_accumulation_1x4_equals_4x1(
     compose: Any,
     tmp_path: Path,
     rows_file: Path,
-    captured: Captured,
+    loaded: Loaded,
     loss_token_counts: list[int],
     smollm2_tokenizer: Any,
 ) -> None:
@@ -431,21 +381,21 @@ def test_grad_accumulation_1x4_equals_4x1(
         compose,
         tmp_path / "1x4",
         rows_file,
-        captured,
+        loaded,
         ["method.per_device_train_batch_size=1", "method.gradient_accumulation_steps=4"],
     )
     # One count per micro-batch, each the total of the whole window.
     assert loss_token_counts == [_expected_loss_tokens(smollm2_tokenizer)] * 4
-    initial = captured.initial
+    initial = loaded.initial
     whole = _one_step(
         compose,
         tmp_path / "4x1",
         rows_file,
-        captured,
+        loaded,
         ["method.per_device_train_batch_size=4", "method.gradient_accumulation_steps=1"],
     )
-    assert captured.initial.keys() == initial.keys()
-    assert all(torch.equal(initial[n], captured.initial[n]) for n in initial)  # same starting point
+    assert loaded.initial.keys() == initial.keys()
+    assert all(torch.equal(initial[n], loaded.initial[n]) for n in initial)  # same starting point
     assert loss_token_counts[-1] == loss_token_counts[0]
     assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-5)
     assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
@@ -458,7 +408,7 @@ def test_packing_and_padding_free_keep_every_loss_token(
     compose: Any,
     tmp_path: Path,
     rows_file: Path,
-    captured: Captured,
+    loaded: Loaded,
     loss_token_counts: list[int],
     smollm2_tokenizer: Any,
     flag: str,
@@ -468,16 +418,14 @@ def test_packing_and_padding_free_keep_every_loss_token(
     Same loss-token count (no label lost at sequence boundaries), same loss and same update (attention does
     not cross sequence boundaries, thanks to per-sequence position ids).
     """
-    padded = _one_step(compose, tmp_path / "padded", rows_file, captured, ["method.per_device_train_batch_size=4"])
-    packed = _one_step(
-        compose, tmp_path / "packed", rows_file, captured, ["method.per_device_train_batch_size=4", flag]
-    )
+    padded = _one_step(compose, tmp_path / "padded", rows_file, loaded, ["method.per_device_train_batch_size=4"])
+    packed = _one_step(compose, tmp_path / "packed", rows_file, loaded, ["method.per_device_train_batch_size=4", flag])
     assert loss_token_counts == [_expected_loss_tokens(smollm2_tokenizer)] * 2
     assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
     _assert_params_close(packed["params"], padded["params"], atol=1e-5)
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(compose: Any, tmp_path: Path, captured: Captured) -> None:
+def test_resume_from_checkpoint_matches_uninterrupted_run(compose: Any, tmp_path: Path, loaded: Loaded) -> None:
     """AdamW, 4 steps, checkpoint every 2: resuming from checkpoint-2 ends at the uninterrupted run's weights."""
     overrides = [
         *TINY,
@@ -489,19 +437,21 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(compose: Any, tmp_path
     ]
     full_dir = tmp_path / "full"
     _run(compose, full_dir, overrides)
-    full = captured.trainable()
+    full = loaded.trainable()
     checkpoint = full_dir / "checkpoints" / "checkpoint-2"
     assert checkpoint.is_dir()
 
     resumed_dir = tmp_path / "resumed"
     _run(compose, resumed_dir, [*overrides, f"method.resume_from_checkpoint='{checkpoint}'"])
-    assert [e["step"] for e in _logs(resumed_dir) if "loss" in e] == [3, 4]  # it really started at step 2
-    assert not any("eval_loss" in e for e in _logs(full_dir))  # eval_strategy=no: no evaluation, not even at the end
-    full_losses = {e["step"]: e["loss"] for e in _logs(full_dir) if "loss" in e}
-    for entry in (e for e in _logs(resumed_dir) if "loss" in e):
+    assert [e["step"] for e in read_logs(resumed_dir) if "loss" in e] == [3, 4]  # it really started at step 2
+    assert not any(
+        "eval_loss" in e for e in read_logs(full_dir)
+    )  # eval_strategy=no: no evaluation, not even at the end
+    full_losses = {e["step"]: e["loss"] for e in read_logs(full_dir) if "loss" in e}
+    for entry in (e for e in read_logs(resumed_dir) if "loss" in e):
         assert entry["loss"] == pytest.approx(full_losses[entry["step"]], abs=1e-6)
-    _assert_params_close(captured.trainable(), full, atol=1e-6)
-    assert not torch.equal(captured.trainable()["model.norm.weight"], captured.initial["model.norm.weight"])
+    _assert_params_close(loaded.trainable(), full, atol=1e-6)
+    assert not torch.equal(loaded.trainable()["model.norm.weight"], loaded.initial["model.norm.weight"])
 
 
 # --- learning check on the real model -------------------------------------------------------------------------------
@@ -526,7 +476,7 @@ def test_smollm2_training_loss_falls(compose: Any, tmp_path: Path) -> None:
         "data.max_eval_samples=8",
     ]
     metrics = _run(compose, out, overrides)
-    losses = [e["loss"] for e in _logs(out) if "loss" in e]
+    losses = [e["loss"] for e in read_logs(out) if "loss" in e]
     assert len(losses) == 10
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3

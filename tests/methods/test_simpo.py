@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from alignment.config import to_run_config
-from alignment.context import RunContext
 from alignment.methods import simpo
 from alignment.methods.cpo import CpoVariant, cpo_loss
 from alignment.methods.pairwise import PairLogps, Window, total_loss
 from alignment.methods.simpo import SIMPO_LOSSES, SimpoConfig, SimpoVariant, simpo_loss
+from tests.methods.helpers import TINY_DEMO_PAIRS, run_method
 
 
 def means(chosen: list[float], rejected: list[float]) -> PairLogps:
@@ -98,22 +97,7 @@ def test_label_smoothing_only_with_sigmoid() -> None:
 
 
 def test_run_trains_and_evaluates(compose: Any, tmp_path: Path) -> None:
-    overrides = [
-        "model=tiny_random",
-        "logger=none",
-        "method=simpo",
-        "data=demo",
-        "data.num_train_samples=8",
-        "data.max_eval_samples=4",
-        "method.max_steps=2",
-        "method.per_device_train_batch_size=2",
-        "method.per_device_eval_batch_size=4",
-        "method.logging_steps=1",
-        "method.save_strategy=no",
-        "method.max_length=128",
-    ]
-    cfg = to_run_config(compose(overrides))
-    metrics = simpo.run(cfg, RunContext(output_dir=tmp_path, name="simpo", group=None))
+    metrics = run_method(simpo.run, compose, tmp_path, [*TINY_DEMO_PAIRS, "method=simpo"])
     assert math.isfinite(metrics["train_loss"])
     assert math.isfinite(metrics["eval_loss"])
     assert "eval_rewards/margins" in metrics

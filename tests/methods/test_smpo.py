@@ -10,18 +10,13 @@ model (as tests/methods/test_sft.py does), with one step of plain SGD so a wrong
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-import alignment.models.load as model_loading
-from alignment.config import to_run_config
-from alignment.context import RunContext
 from alignment.methods import smpo
 from alignment.methods.pairwise import PairLogps, Progress, Window, total_loss
 from alignment.methods.smpo import (
@@ -34,17 +29,12 @@ from alignment.methods.smpo import (
     smpo_loss,
     token_shaper,
 )
+from tests.methods.helpers import ONE_SGD_STEP, Loaded, mean_logps, pair_row, read_logs, run_method, write_jsonl
 
 
 def means(chosen: list[float], rejected: list[float]) -> PairLogps:
     """Pairs whose mean log-probs are the given values: sums over 4 chosen and 2 rejected tokens."""
-    n = len(chosen)
-    return PairLogps(
-        torch.tensor([4 * c for c in chosen], dtype=torch.float64, requires_grad=True),
-        torch.tensor([2 * r for r in rejected], dtype=torch.float64, requires_grad=True),
-        torch.full((n,), 4.0, dtype=torch.float64),
-        torch.full((n,), 2.0, dtype=torch.float64),
-    )
+    return mean_logps(chosen, rejected, chosen_tokens=4, rejected_tokens=2)
 
 
 # Δ = 0.1, 0.35, -0.65 and 0.6.
@@ -305,20 +295,6 @@ def test_config_defaults_and_checks() -> None:
 
 # --- trainer invariants on the tiny random Llama -------------------------------------------------------------------
 
-ONE_SGD_STEP = [
-    "model=tiny_random",
-    "logger=none",
-    "method=smpo",
-    "data.eval_fraction=0",
-    "method.max_steps=1",
-    "method.logging_steps=1",
-    "method.optim=sgd",
-    "method.learning_rate=1.0",
-    "method.max_grad_norm=0",
-    "method.save_strategy=no",
-    "method.eval_strategy=no",
-    "method.max_length=512",
-]
 # Four pairs whose completions differ in length (so per-micro-batch token means would not add up).
 PAIRS = [
     ("Hi", "Hello there! How can I help you today? " * 2, "Go away."),
@@ -328,58 +304,18 @@ PAIRS = [
 ]
 
 
-@dataclass
-class Captured:
-    """The model ``run`` trained and a copy of its parameters right after loading."""
-
-    model: Any = None
-    initial: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
-    box = Captured()
-    real = model_loading.load_model
-
-    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
-        box.model = real(*args, **kwargs)
-        box.initial = box.trainable()
-        return box.model
-
-    monkeypatch.setattr(model_loading, "load_model", load_and_keep)
-    return box
-
-
 @pytest.fixture
 def pairs_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": p}],
-            "chosen": [{"role": "assistant", "content": c}],
-            "rejected": [{"role": "assistant", "content": r}],
-        }
-        for p, c, r in PAIRS
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path / "pairs.jsonl", [pair_row(*p) for p in PAIRS])
 
 
 def _run(compose: Any, out: Path, overrides: list[str]) -> dict[str, float]:
-    cfg = to_run_config(compose(overrides))
-    return smpo.run(cfg, RunContext(output_dir=out, name=out.name, group=None))
+    return run_method(smpo.run, compose, out, overrides)
 
 
-def _logs(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def _one_step(compose: Any, out: Path, pairs_file: Path, box: Captured, overrides: list[str]) -> dict[str, Any]:
-    _run(compose, out, [*ONE_SGD_STEP, f"data.sources=[{{path:'{pairs_file}'}}]", *overrides])
-    (logged,) = [e for e in _logs(out) if "loss" in e]
+def _one_step(compose: Any, out: Path, pairs_file: Path, box: Loaded, overrides: list[str]) -> dict[str, Any]:
+    _run(compose, out, ["method=smpo", *ONE_SGD_STEP, f"data.sources=[{{path:'{pairs_file}'}}]", *overrides])
+    (logged,) = [e for e in read_logs(out) if "loss" in e]
     return {"params": box.trainable(), "loss": logged["loss"], "grad_norm": logged["grad_norm"], "log": logged}
 
 
@@ -393,7 +329,7 @@ ALL_SHAPING = [
 
 @pytest.mark.parametrize("shaping", [[], [*ALL_SHAPING, "method.loss_type=sigmoid"]], ids=["plain", "shaped"])
 def test_grad_accumulation_1x4_equals_4x1(
-    compose: Any, tmp_path: Path, pairs_file: Path, captured: Captured, shaping: list[str]
+    compose: Any, tmp_path: Path, pairs_file: Path, loaded: Loaded, shaping: list[str]
 ) -> None:
     """One SGD step: four micro-batches of one pair ≡ one micro-batch of four pairs (loss, grad norm, weights).
 
@@ -403,18 +339,18 @@ def test_grad_accumulation_1x4_equals_4x1(
         compose,
         tmp_path / "1x4",
         pairs_file,
-        captured,
+        loaded,
         ["method.per_device_train_batch_size=1", "method.gradient_accumulation_steps=4", *shaping],
     )
-    initial = captured.initial
+    initial = loaded.initial
     whole = _one_step(
         compose,
         tmp_path / "4x1",
         pairs_file,
-        captured,
+        loaded,
         ["method.per_device_train_batch_size=4", "method.gradient_accumulation_steps=1", *shaping],
     )
-    assert all(torch.equal(initial[n], captured.initial[n]) for n in initial)  # same starting point
+    assert all(torch.equal(initial[n], loaded.initial[n]) for n in initial)  # same starting point
     assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-5)
     assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
     worst = max(initial, key=lambda n: (micro["params"][n] - whole["params"][n]).abs().max().item())
@@ -425,7 +361,7 @@ def test_grad_accumulation_1x4_equals_4x1(
         assert key in whole["log"], key
 
 
-def test_run_trains_every_parameter_and_evaluates(compose: Any, tmp_path: Path, captured: Captured) -> None:
+def test_run_trains_every_parameter_and_evaluates(compose: Any, tmp_path: Path, loaded: Loaded) -> None:
     overrides = [
         "model=tiny_random",
         "logger=none",
@@ -444,10 +380,10 @@ def test_run_trains_every_parameter_and_evaluates(compose: Any, tmp_path: Path, 
     metrics = _run(compose, tmp_path, overrides)
     assert math.isfinite(metrics["train_loss"])
     assert math.isfinite(metrics["eval_loss"])
-    final = captured.trainable()
-    unchanged = [n for n in final if torch.equal(final[n], captured.initial[n])]
+    final = loaded.trainable()
+    unchanged = [n for n in final if torch.equal(final[n], loaded.initial[n])]
     assert not unchanged, unchanged
-    margins = [e["target_margin"] for e in _logs(tmp_path) if "loss" in e]
+    margins = [e["target_margin"] for e in read_logs(tmp_path) if "loss" in e]
     assert margins == pytest.approx([0.01, 0.18])  # steps 0 and 1 of 2
 
 
@@ -470,7 +406,7 @@ def test_shaping_flags_change_the_loss_but_not_the_nll_in_a_run(compose: Any, tm
     ]
     _run(compose, tmp_path / "plain", overrides)
     _run(compose, tmp_path / "shaped", [*overrides, *ALL_SHAPING])
-    plain, shaped_logs = ([e for e in _logs(tmp_path / n) if "loss" in e] for n in ("plain", "shaped"))
+    plain, shaped_logs = ([e for e in read_logs(tmp_path / n) if "loss" in e] for n in ("plain", "shaped"))
     assert len(plain) == len(shaped_logs) == 2
     first, other = plain[0], shaped_logs[0]
     assert other["loss"] != pytest.approx(first["loss"], rel=1e-3)
@@ -503,7 +439,7 @@ def test_smollm2_preference_accuracy_rises(compose: Any, tmp_path: Path) -> None
         "method.max_length=128",
     ]
     _run(compose, tmp_path, overrides)
-    evals = [e for e in _logs(tmp_path) if "eval_rewards/accuracies" in e]
+    evals = [e for e in read_logs(tmp_path) if "eval_rewards/accuracies" in e]
     before, after = evals[0]["eval_rewards/accuracies"], evals[-1]["eval_rewards/accuracies"]
     print(f"SMPO held-out preference accuracy: {before:.3f} -> {after:.3f}")
     assert evals[0]["step"] == 0
