@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # CPU build from the machine's wheel store; on a GPU box `make TORCH=torch==2.13.0` still works (CUDA wheel).
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test lint
+.PHONY: install run test lint slurm-up slurm-down
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -29,3 +29,10 @@ lint: $(STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The local SLURM test cluster (root; installs Debian packages when missing): tests/slurm use it, CI starts it.
+slurm-up:
+	bash scripts/slurm_local.sh
+
+slurm-down:
+	bash scripts/slurm_local_stop.sh --purge

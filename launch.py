@@ -4,6 +4,7 @@ Examples:
     python launch.py                                   # SFT of the embedded SmolLM2 on the demo data (CPU)
     python launch.py model=llama8b data=smoltalk_mix --cfg job   # print the composed config, load nothing
     python launch.py -m method.learning_rate=1e-4,2e-4 # a local sweep into multirun/
+    python launch.py -m hydra/launcher=slurm method=dpo,smpo  # one SLURM job array (conf/hydra/launcher/)
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from hydra import main
 from omegaconf import DictConfig
 
 from alignment.config import register_configs, to_run_config
+from alignment.launch.slurm import register_launcher_configs
 
 register_configs()
+register_launcher_configs()
 
 
 @main(version_base="1.3", config_path="conf", config_name="config")

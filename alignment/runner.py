@@ -8,8 +8,10 @@ because it would store overrides unredacted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -165,27 +167,66 @@ def redact_sweep_file(sweep_dir: Path) -> None:
     overrides = data.get("hydra", {}).get("overrides", {})
     for kind in ("task", "hydra"):
         overrides[kind] = [redact_override(o) for o in overrides.get(kind) or []]
-    path.write_text(OmegaConf.to_yaml(data), encoding="utf-8")
+    # Atomic: every job of a sweep (and every task of a multi-task SLURM job) rewrites this file, maybe at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(data), encoding="utf-8")
+    tmp.replace(path)
 
 
 def run(cfg: RunConfig) -> dict[str, float]:
-    """Run the configured method in the current Hydra job; trackers are closed even when it fails."""
-    from transformers import set_seed
+    """Run the configured method in the current Hydra job (``plan=true`` only checks and prints the plan).
+
+    With a distributed backend the job spawns its ranks (:mod:`alignment.launch.distributed`), which run
+    :func:`execute` on the resolved config; otherwise this process runs it.
+    """
+    from alignment.launch.distributed import needs_ranks, run_ranks
+    from alignment.launch.preemption import requeue_after_ranks, with_resume
+    from alignment.launch.slurm import prepare_task_ranks
 
     hydra = HydraConfig.get()
     ctx = context_from_hydra()
+    cfg = dataclasses.replace(cfg, method=with_resume(cfg.method, ctx))  # a requeued job continues its checkpoint
+    if cfg.plan:
+        from alignment.plan import print_plan
+
+        print_plan(cfg, ctx)
+        return {}
     if hydra.mode == RunMode.MULTIRUN:
         redact_sweep_file(Path(hydra.sweep.dir))
-    plain = write_run_files(cfg, ctx, list(hydra.overrides.task))
+    prepare_task_ranks(cfg.distributed)  # hydra/launcher=slurm_tasks: this SLURM task becomes one rank
+    if needs_ranks(cfg.distributed):
+        with requeue_after_ranks():  # in a SLURM job: the ranks save on the time-limit signal, then requeue
+            return run_ranks(cfg, ctx, list(hydra.overrides.task))
+    return execute(cfg, ctx, list(hydra.overrides.task))
+
+
+def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, float]:
+    """The run body shared by a single process and every rank: all ranks train, rank 0 alone writes run files.
+
+    Trackers are closed even when the method fails.
+    """
+    from transformers import set_seed
+
+    from alignment.launch.distributed import is_main_process, rank_session
+    from alignment.launch.preemption import preemption_guard
+
+    main = is_main_process()
+    plain = write_run_files(cfg, ctx, overrides) if main else {}
     log.info("run directory: %s", ctx.output_dir)
     set_seed(cfg.seed)
-    open_trackers(cfg.logger, ctx, plain)
+    if main:
+        open_trackers(cfg.logger, ctx, plain)
     failed = True
     try:
-        metrics = METHODS[cfg.method.name].run(cfg, ctx)
+        with rank_session(cfg, ctx) as ran, preemption_guard():  # SLURM time-limit signal: save, then requeue
+            metrics = METHODS[cfg.method.name].run(cfg, ctx)
+        metrics.update(ran)
         failed = False
     finally:
-        close_trackers(cfg.logger, failed=failed)
+        if main:
+            close_trackers(cfg.logger, failed=failed)
+    if not main:
+        return metrics
     if isinstance(cfg.method, MethodConfig) and not cfg.method.keep_checkpoints:
         shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
     # HF pickles TrainingArguments beside the weights; config.yaml is the record, and no pickle ships.

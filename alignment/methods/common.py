@@ -119,6 +119,8 @@ def _cuda() -> bool:
 
 def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: str) -> dict[str, Any]:
     """Keyword arguments for an HF/TRL ``*Config`` from the shared settings of any method config."""
+    from alignment.launch.distributed import active_trainer_kwargs
+
     return {
         "output_dir": output_dir,
         "run_name": run_name,
@@ -149,6 +151,8 @@ def training_kwargs(cfg: MethodConfig, *, output_dir: str, seed: int, run_name: 
         "use_cpu": not _cuda(),
         "dataloader_num_workers": cfg.dataloader_num_workers,
         "resume_from_checkpoint": cfg.resume_from_checkpoint,
+        # DDP / FSDP / DeepSpeed arguments of the run's ``distributed`` backend (empty for a single process).
+        **active_trainer_kwargs(),
     }
 
 
@@ -157,6 +161,9 @@ def train_and_save(trainer: Any, *, resume_from_checkpoint: str | None, model_di
 
     The metrics are the train summary plus the latest value of every ``eval_*`` key logged during the run.
     """
+    from alignment.launch.preemption import SaveOnPreemptionCallback
+
+    trainer.add_callback(SaveOnPreemptionCallback())  # saves and stops on SLURM's time-limit signal
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics: dict[str, float] = dict(result.metrics)
     evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}

@@ -1,0 +1,204 @@
+"""Save a checkpoint when SLURM warns of the time limit or a preemption, then let submitit requeue the job.
+
+submitit installs a ``SIGUSR2`` handler in every job (``--signal=USR2@<signal_delay_s>``) that calls the
+callable's ``checkpoint`` method, runs ``scontrol requeue`` and exits at once, in the middle of whatever the
+process was doing. For a training run that would lose every step since the last periodic checkpoint, so
+:func:`preemption_guard` (entered by the runner around the method) replaces that handler while a Trainer is
+training: the signal only raises a flag, :class:`SaveOnPreemptionCallback` saves ``checkpoint-<step>`` at the
+end of the current optimizer step and stops, and the guard then hands over to submitit's handler, which requeues.
+The requeued job runs the same pickled Hydra job in the same job directory, and the runner resumes from the
+newest checkpoint there (:func:`latest_checkpoint`). Outside training (model loading, tokenising, final save) the
+signal goes straight to submitit's handler. Outside a submitit SLURM job nothing is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from alignment.context import RunContext
+from alignment.methods.common import MethodConfig, TaskConfig
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+class PreemptedError(RuntimeError):
+    """Training stopped on the preemption signal after saving ``checkpoint-<step>``."""
+
+
+class _State:
+    """Process-wide flags (a signal handler cannot receive arguments)."""
+
+    requested_signal: int | None = None
+    training: bool = False
+
+
+def preemption_requested() -> bool:
+    """Whether the preemption signal arrived while this process was training."""
+    return _State.requested_signal is not None
+
+
+def request_preemption(signum: int = signal.SIGUSR2) -> None:
+    """Raise the flag that makes the training loop save and stop at the end of the current step."""
+    _State.requested_signal = signum
+
+
+def _submitit_signal() -> int:
+    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    value = getattr(signal, name, None)
+    if not isinstance(value, int):
+        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL={name[3:]!r} is not a signal name (expected e.g. USR2)")
+    return value
+
+
+def in_submitit_slurm_job() -> bool:
+    """True inside a job that submitit started on SLURM (it sets ``SUBMITIT_EXECUTOR``)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+
+
+@contextmanager
+def preemption_guard() -> Iterator[None]:
+    """Defer submitit's requeue handler until the Trainer has saved; requeue when the block ends preempted.
+
+    The block raises :class:`PreemptedError` (from the callback) when the signal stopped training; the guard then
+    calls submitit's handler, which pickles the job again, requeues it and exits the process (``SystemExit``).
+    """
+    if not in_submitit_slurm_job():
+        yield
+        return
+    signum = _submitit_signal()
+    previous = signal.getsignal(signum)
+
+    def handler(received: int, frame: FrameType | None) -> None:
+        # A rank under torch elastic has no submitit handler: it always saves at its next step end.
+        if _State.training or not callable(previous):
+            log.warning("signal %d: saving a checkpoint at the end of this step, then requeueing", received)
+            request_preemption(received)
+        else:
+            previous(received, frame)
+
+    _State.requested_signal = None
+    signal.signal(signum, handler)
+    try:
+        yield
+    except PreemptedError as stopped:
+        signal.signal(signum, previous)
+        log.warning("%s; handing over to submitit to requeue the job", stopped)
+        if callable(previous):
+            previous(signum, None)
+        raise
+    finally:
+        signal.signal(signum, previous)
+
+
+@contextmanager
+def requeue_after_ranks() -> Iterator[None]:
+    """In the SLURM task that runs torch elastic: on the signal, let the ranks save and stop, then requeue.
+
+    The ranks (same job step, so they receive the signal too) save ``checkpoint-<step>`` and stop; when the block
+    then fails (no results) submitit's handler requeues the job. A block that completes is not requeued.
+    """
+    if not in_submitit_slurm_job():
+        yield
+        return
+    signum = _submitit_signal()
+    previous = signal.getsignal(signum)
+
+    def handler(received: int, frame: FrameType | None) -> None:
+        log.warning("signal %d: waiting for the ranks to save and stop, then requeueing", received)
+        request_preemption(received)
+
+    _State.requested_signal = None
+    signal.signal(signum, handler)
+    try:
+        yield
+    except Exception:
+        signal.signal(signum, previous)
+        if preemption_requested() and callable(previous):
+            previous(signum, None)
+        raise
+    finally:
+        signal.signal(signum, previous)
+
+
+def _any_rank(flag: bool, args: TrainingArguments) -> bool:
+    """The flag OR-ed over ranks, so every DDP rank stops at the same step (a one-element all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class SaveOnPreemptionCallback(TrainerCallback):
+    """At the end of the step in which the preemption flag went up, save a checkpoint and stop training."""
+
+    def __init__(self) -> None:
+        self.saving = False
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """From now on the signal is deferred to a step boundary."""
+        _State.training = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """After training the signal requeues at once again."""
+        _State.training = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Turn the flag into a save and a stop (the Trainer saves right after this event)."""
+        if _any_rank(preemption_requested(), args):
+            self.saving = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Leave training once the checkpoint is complete, skipping the final evaluation and model save."""
+        if self.saving:
+            _State.training = False
+            raise PreemptedError(f"preempted: saved checkpoint-{state.global_step} in {args.output_dir}")
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step that holds a complete ``trainer_state.json``."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def with_resume(method: TaskConfig, ctx: RunContext) -> TaskConfig:
+    """The method config resuming from the newest checkpoint of an interrupted run in the same directory.
+
+    A run directory that holds ``checkpoints/checkpoint-<step>`` but no ``results.json`` belongs to a run that
+    stopped before the end (a requeued SLURM job, a crash): training continues from there. A fresh directory, a
+    finished run, or an explicit ``method.resume_from_checkpoint`` leaves the config unchanged.
+    """
+    if not isinstance(method, MethodConfig) or method.resume_from_checkpoint is not None:
+        return method
+    if (ctx.output_dir / "results.json").exists():
+        return method
+    latest = latest_checkpoint(ctx.checkpoint_dir)
+    if latest is None:
+        return method
+    log.warning("resuming the interrupted run from %s", latest)
+    return dataclasses.replace(method, resume_from_checkpoint=str(latest))

@@ -1,0 +1,329 @@
+"""Sweep report: one row per job of a multirun (local or SLURM) and a plot of the jobs' training curves.
+
+``python -m alignment.report multirun/<date>/<time>`` reads what the runner wrote in each job directory
+(``config.yaml``, ``environment.json``, ``metrics.jsonl``, ``results.json``) and writes beside them:
+
+* ``report.csv`` and ``report.md``: job, the overrides that differ between jobs, status, steps, wall time,
+  final train/eval loss, the best value of the objective (``--objective``, default ``eval_loss``) and its step,
+  and every other final ``eval_*`` metric;
+* ``curves.png``: train loss and the objective against the step, one line per job;
+* a rich table on the console.
+
+A job without ``results.json`` is ``running``/``incomplete`` (``interrupted@<step>`` when it holds a checkpoint);
+for SLURM sweeps the scheduler's state (``sacct``) is shown instead when it is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_ARRAY_TASK = re.compile(r"^(\d+)_(\d+)$")
+_TIMING = re.compile(r"_runtime$|_per_second$")  # HF's throughput keys: noise in a comparison table
+_CONSOLE_COLUMNS = 9  # job .. best_step; the per-metric columns go to the files only
+
+
+class Mode(StrEnum):
+    """Whether a smaller or a larger objective is better."""
+
+    min = "min"
+    max = "max"
+
+
+@dataclass
+class JobReport:
+    """What one job directory says about its run."""
+
+    name: str
+    """Job directory name (Hydra's job number)."""
+    overrides: list[str]
+    """The job's command-line overrides, as the runner recorded them (secrets redacted)."""
+    status: str
+    """``completed``, a SLURM state, ``interrupted@<step>`` or ``incomplete``."""
+    steps: int | None
+    """Last optimizer step logged."""
+    wall_s: float | None
+    """Seconds from the start of the (last) attempt to ``results.json``."""
+    final: dict[str, float]
+    """``results.json``: final train summary and the latest eval metrics."""
+    best: float | None
+    """Best logged value of the objective."""
+    best_step: int | None
+    """Step of that best value."""
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Logged ``(step, value)`` series per metric; a resumed run's repeated steps keep the latest value."""
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl``; a torn last line (a job killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def curves_from(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """``metric -> [(step, value)]`` sorted by step; a step logged again after a resume keeps the last value."""
+    series: dict[str, dict[int, float]] = {}
+    for record in records:
+        step = record.get("step")
+        if not isinstance(step, int):
+            continue
+        for key, value in record.items():
+            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            series.setdefault(key, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def best_of(series: list[tuple[int, float]], mode: Mode) -> tuple[float | None, int | None]:
+    """Best finite value of a series and its step (the first such step on ties)."""
+    finite = [(v, s) for s, v in series if math.isfinite(v)]
+    if not finite:
+        return None, None
+    pick = min if mode is Mode.min else max
+    value, _ = pick(finite, key=lambda item: item[0])
+    step = next(s for v, s in finite if v == value)
+    return value, step
+
+
+def _checkpoint_step(job_dir: Path) -> int | None:
+    steps = [
+        int(m.group(1)) for p in (job_dir / "checkpoints").glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))
+    ]
+    return max(steps) if steps else None
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    env = job_dir / "environment.json"
+    if not env.is_file():
+        return []
+    command = json.loads(env.read_text(encoding="utf-8")).get("command", [])
+    return [str(o) for o in command[1:]]
+
+
+def _wall_s(job_dir: Path) -> float | None:
+    start, end = job_dir / "environment.json", job_dir / "results.json"
+    if not (start.is_file() and end.is_file()):
+        return None
+    return max(0.0, end.stat().st_mtime - start.stat().st_mtime)
+
+
+def read_job(job_dir: Path, *, objective: str, mode: Mode, scheduler_state: str | None = None) -> JobReport:
+    """Summarise one job directory."""
+    results = job_dir / "results.json"
+    final = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    curves = curves_from(_read_jsonl(job_dir / "metrics.jsonl"))
+    steps = max((s for c in curves.values() for s, _ in c), default=None)
+    best, best_step = best_of(curves.get(objective, []), mode)
+    if results.is_file():
+        status = "completed"
+    elif scheduler_state:
+        status = scheduler_state
+    elif (ckpt := _checkpoint_step(job_dir)) is not None:
+        status = f"interrupted@{ckpt}"
+    else:
+        status = "incomplete"
+    return JobReport(
+        name=job_dir.name,
+        overrides=_overrides(job_dir),
+        status=status,
+        steps=steps,
+        wall_s=_wall_s(job_dir),
+        final={k: float(v) for k, v in final.items() if isinstance(v, int | float)},
+        best=best,
+        best_step=best_step,
+        curves=curves,
+    )
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job directories of a sweep: subfolders (any depth) holding the runner's ``config.yaml``, in natural order."""
+    found = [p.parent for p in sweep_dir.rglob("config.yaml") if not any(part.startswith(".") for part in p.parts)]
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
+
+
+def slurm_states(sweep_dir: Path) -> dict[str, str]:
+    """``job number -> SLURM state`` from ``sacct`` for the array tasks in ``<sweep>/.submitit``; {} without SLURM.
+
+    Hydra's submitit launcher names each task's folder ``<array id>_<task index>``; the task index is the job
+    number within the launched batch (the report assumes one batch, as the basic sweeper launches).
+    """
+    folders = [m for p in (sweep_dir / ".submitit").glob("*_*") if (m := _ARRAY_TASK.match(p.name))]
+    if not folders or shutil.which("sacct") is None:
+        return {}
+    arrays = sorted({m.group(1) for m in folders})
+    try:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        job, _, state = line.partition("|")
+        if m := _ARRAY_TASK.match(job):
+            states[m.group(2)] = state.split()[0] if state else "UNKNOWN"
+    return states
+
+
+def varying(overrides: list[list[str]]) -> tuple[list[list[str]], list[str]]:
+    """Split each job's overrides into those that differ between jobs and the ones all jobs share."""
+    common = [o for o in overrides[0] if all(o in other for other in overrides[1:])] if overrides else []
+    return [[o for o in job if o not in common] for job in overrides], common
+
+
+def build(sweep_dir: Path, *, objective: str = "eval_loss", mode: Mode = Mode.min) -> list[JobReport]:
+    """Read every job of a sweep directory.
+
+    Raises:
+        FileNotFoundError: the directory has no job directory with a ``config.yaml``.
+    """
+    dirs = job_dirs(sweep_dir)
+    if not dirs:
+        raise FileNotFoundError(f"{sweep_dir}: no job directory with config.yaml (is this a multirun sweep dir?)")
+    states = slurm_states(sweep_dir)
+    return [read_job(d, objective=objective, mode=mode, scheduler_state=states.get(d.name)) for d in dirs]
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def rows(jobs: list[JobReport], objective: str) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, one row per job, and the overrides every job shares."""
+    varied, common = varying([j.overrides for j in jobs])
+    extra = sorted(
+        {k for j in jobs for k in j.final if k.startswith("eval_") and not _TIMING.search(k)} - {"eval_loss", objective}
+    )
+    header = ["job", "overrides", "status", "steps", "wall_s", "train_loss", "eval_loss"]
+    header += [f"best_{objective}", "best_step", *extra]
+    table = []
+    for job, own in zip(jobs, varied, strict=True):
+        row = [job.name, " ".join(own), job.status, _fmt(job.steps), _fmt(job.wall_s)]
+        row += [_fmt(job.final.get("train_loss")), _fmt(job.final.get("eval_loss"))]
+        row += [_fmt(job.best), _fmt(job.best_step), *(_fmt(job.final.get(k)) for k in extra)]
+        table.append(row)
+    return header, table, common
+
+
+def write_csv(path: Path, header: list[str], table: list[list[str]]) -> None:
+    """The table as CSV."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(table)
+
+
+def write_markdown(path: Path, header: list[str], table: list[list[str]], common: list[str]) -> None:
+    """The table as a GitHub markdown table, with the shared overrides above it."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    text = [f"Shared overrides: `{' '.join(common)}`", ""] if common else []
+    text += [line(header), line(["---"] * len(header)), *(line(r) for r in table)]
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+
+
+def plot(path: Path, jobs: list[JobReport], objective: str, labels: list[str]) -> None:
+    """Train loss (left) and the objective (right) against the step, one line per job (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for axis, metric in zip(axes, ("loss", objective), strict=True):
+        for job, label in zip(jobs, labels, strict=True):
+            series = job.curves.get(metric, [])
+            if series:
+                steps, values = zip(*series, strict=True)
+                axis.plot(steps, values, marker="o" if len(series) < 20 else None, label=label)
+        axis.set_xlabel("step")
+        axis.set_ylabel(metric)
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(header: list[str], table: list[list[str]], common: list[str], title: str) -> None:
+    """A rich table on the console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rich_table = Table(title=title, caption=f"shared: {' '.join(common)}" if common else None)
+    for name in header:
+        rich_table.add_column(name, overflow="fold")
+    for row in table:
+        rich_table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
+        console.width = 160
+    console.print(rich_table)
+
+
+def report(
+    sweep_dir: Path, *, objective: str = "eval_loss", mode: Mode = Mode.min, out_dir: Path | None = None
+) -> dict[str, Path]:
+    """Write report.csv, report.md and curves.png for a sweep directory and print the table; return the paths."""
+    jobs = build(sweep_dir, objective=objective, mode=mode)
+    header, table, common = rows(jobs, objective)
+    out = out_dir or sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "report.csv", "markdown": out / "report.md", "plot": out / "curves.png"}
+    write_csv(paths["csv"], header, table)
+    write_markdown(paths["markdown"], header, table, common)
+    plot(paths["plot"], jobs, objective, [f"{r[0]}: {r[1]}" if r[1] else r[0] for r in table])
+    print_table(
+        header[:_CONSOLE_COLUMNS], [r[:_CONSOLE_COLUMNS] for r in table], common, title=str(sweep_dir.resolve())
+    )
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m alignment.report <sweep_dir> [--objective eval_loss] [--mode min] [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m alignment.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/2025-01-01/12-00-00")
+    parser.add_argument("--objective", default="eval_loss", help="logged metric for the best column and plot")
+    parser.add_argument("--mode", type=Mode, choices=list(Mode), default=Mode.min, help="min or max is best")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep dir)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory")
+    try:
+        paths = report(args.sweep_dir, objective=args.objective, mode=args.mode, out_dir=args.out)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Hydra discovers launchers only inside the ``hydra_plugins`` namespace; the implementation is in alignment."""

@@ -1,0 +1,92 @@
+"""A real SLURM cluster for the tests in this folder: the one already running, or one started here.
+
+``.ci/run`` starts the cluster (``scripts/slurm_local.sh``) before ``make test``. Run alone, the first test that
+asks for ``slurm_cluster`` starts it (as root, with apt to install the Debian packages) and stops it after the
+session. Where no cluster can be started the tests skip and say why. ``SLURM_LOCAL_AUTOSTART=0`` never starts one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+START = ROOT / "scripts" / "slurm_local.sh"
+STOP = ROOT / "scripts" / "slurm_local_stop.sh"
+PARTITION = os.environ.get("SLURM_LOCAL_PARTITION", "debug")
+
+
+def controller_up() -> bool:
+    """Whether ``scontrol ping`` reaches a SLURM controller."""
+    if shutil.which("scontrol") is None:
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False)
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
+def why_no_start() -> str | None:
+    """Why this machine cannot start the local cluster, or None when it can try."""
+    if os.environ.get("SLURM_LOCAL_AUTOSTART", "1") == "0":
+        return "no SLURM controller answers and SLURM_LOCAL_AUTOSTART=0 (start one: sudo bash scripts/slurm_local.sh)"
+    if os.geteuid() != 0:
+        return "no SLURM controller answers and starting one needs root (run: sudo bash scripts/slurm_local.sh)"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "no SLURM controller answers, SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """The partition of a running single-machine SLURM cluster with accounting (sacct)."""
+    if controller_up():
+        yield PARTITION
+        return
+    reason = why_no_start()
+    if reason:
+        pytest.skip(reason)
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900, check=False)
+    if result.returncode != 0 or not controller_up():
+        pytest.skip(
+            f"scripts/slurm_local.sh could not start a cluster (exit {result.returncode}): {result.stderr[-2000:]}"
+        )
+    print(f"\n[slurm] cluster started in {time.monotonic() - started:.1f}s")
+    try:
+        yield PARTITION
+    finally:
+        subprocess.run(["bash", str(STOP), "--purge"], capture_output=True, text=True, timeout=120, check=False)
+
+
+def squeue_ids() -> list[str]:
+    """Ids of this machine's queued and running jobs."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def job_dirs(sweep_root: Path) -> list[Path]:
+    """``multirun/<date>/<time>/<num>`` job directories under a test's working directory (one sweep expected)."""
+    sweeps = sorted(p for p in sweep_root.glob("multirun/*/*") if p.is_dir())
+    assert len(sweeps) == 1, sweeps
+    return sorted((p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.5) -> None:
+    """Poll ``predicate()`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; queue: {squeue_ids()}")
+        time.sleep(interval)
+
+
+def job_logs(sweep_dir: Path) -> str:
+    """The submitit stdout/stderr of every job of a sweep (for failure messages)."""
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(sweep_dir.rglob("*_log.*")))

@@ -1,0 +1,189 @@
+"""``plan=true``: the checks a run makes before training, a memory estimate, the sbatch preview, and no training.
+
+Errors found by the plan must be the errors a real run raises, so the failure tests launch both and compare the
+error lines.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alignment.config import to_run_config
+from alignment.plan import ModelShape, estimate_memory, row_validator, sbatch_preview
+from tests.conftest import launch
+
+QUICK_S = 180
+PLAN = ["model=tiny_random", "logger=none", "plan=true"]
+SLURM_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"{result.stdout}\n{result.stderr}"
+
+
+def _error_lines(out: str, needle: str) -> list[str]:
+    """The lines naming ``needle``, without log prefixes (``[time][logger][LEVEL] -``)."""
+    return sorted({line.rsplit("] - ", 1)[-1].strip() for line in out.splitlines() if needle in line})
+
+
+def _nothing_trained(tmp_path: Path) -> None:
+    for name in ("model", "checkpoints", "config.yaml", "results.json", "metrics.jsonl", "ranks"):
+        assert list(tmp_path.rglob(name)) == [], f"{name} written by a plan"
+
+
+def _plan_and_run(
+    tmp_path: Path, overrides: list[str]
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The same command with ``plan=true`` (in ``plan/``) and as a real run (in ``real/``)."""
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "real").mkdir()
+    planned = launch([*PLAN, *overrides], cwd=tmp_path / "plan", timeout=QUICK_S)
+    return planned, launch([*PLAN[:-1], *overrides], cwd=tmp_path / "real", timeout=QUICK_S)
+
+
+def test_plan_prints_the_checks_and_the_memory_estimate_without_training(tmp_path: Path) -> None:
+    result = launch(
+        [*PLAN, "distributed=deepspeed_zero3", "distributed.nproc_per_node=2"],
+        cwd=tmp_path,
+        timeout=QUICK_S,
+    )
+    out = _output(result)
+    assert result.returncode == 0, out[-4000:]
+    # The first 16 rows of the train file and of its eval file.
+    assert "embedded:train.jsonl: first 32 rows valid (columns messages)" in out
+    assert "LlamaForCausalLM: 3,219,776 parameters, 3,219,776 trainable" in out
+    assert "decoder layer LlamaDecoderLayer" in out
+    assert "memory per device: backend deepspeed (ZeRO-3), world size 2" in out
+    # fp32 on CPU, everything sharded over 2 ranks: 3,219,776 x 4 B / 2 = 6.1 MiB of weights per device.
+    assert "parameters      6.1 MiB" in out
+    assert "optimizer      12.3 MiB" in out
+    assert "local run: no sbatch script; ranks: torchrun --nnodes 1 --nproc-per-node 2" in out
+    _nothing_trained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["method.learning_rat=1"], "learning_rat"),
+        (["distributed=fsdp", "distributed.nproc_per_node=2"], "distributed=fsdp needs CUDA"),
+        (
+            ["distributed=ddp", "distributed.nproc_per_node=2", "distributed.process_group=nccl"],
+            "process_group=nccl needs CUDA",
+        ),
+    ],
+    ids=["typo", "fsdp-on-cpu", "nccl-on-cpu"],
+)
+@pytest.mark.slow
+def test_plan_fails_with_the_error_of_a_real_run(tmp_path: Path, overrides: list[str], needle: str) -> None:
+    planned, real = _plan_and_run(tmp_path, overrides)
+    assert planned.returncode != 0
+    assert real.returncode != 0
+    plan_errors = _error_lines(_output(planned), needle)
+    assert plan_errors, _output(planned)[-3000:]
+    assert plan_errors == _error_lines(_output(real), needle)
+    _nothing_trained(tmp_path / "plan")
+
+
+@pytest.mark.slow
+def test_plan_names_a_bad_data_row_like_a_real_run(tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    bad = {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "2"}]}
+    data.write_text(f"{json.dumps(good)}\n{json.dumps(bad)}\n", encoding="utf-8")
+    overrides = [f"data.sources=[{{path: '{data}'}}]"]
+    planned, real = _plan_and_run(tmp_path, overrides)
+    needle = f"{data}:2: column 'messages'[0].role: unknown role 'bot'"
+    assert planned.returncode != 0
+    assert _error_lines(_output(planned), needle) == _error_lines(_output(real), needle) != []
+    _nothing_trained(tmp_path / "plan")
+
+
+def test_plan_prints_the_sbatch_script_of_the_slurm_launcher(tmp_path: Path) -> None:
+    result = launch(
+        [
+            *PLAN,
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "distributed=ddp",
+            "distributed.nproc_per_node=4",
+        ],
+        cwd=tmp_path,
+        timeout=QUICK_S,
+    )
+    out = _output(result)
+    assert result.returncode == 0, out[-4000:]
+    assert "== sbatch script (not submitted)" in out
+    assert "#SBATCH --partition=gpu" in out
+    assert "submitit.core._submit" in out
+    assert not list(tmp_path.rglob(".submitit")), "a plan must not create submitit folders"
+
+
+# --- pieces ----------------------------------------------------------------------------------------------------
+
+SHAPE = ModelShape("Toy", parameters=1000, trainable=1000, layer_classes=("ToyLayer",))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cuda", "expected"),
+    [
+        # fp32 on CPU: 4 B weights, 4 B grads, 8 B Adam moments per parameter.
+        (["distributed=ddp", "distributed.nproc_per_node=2"], False, (4000, 4000, 8000, 0)),
+        # ZeRO-2 shards gradients and optimizer state, not parameters.
+        (["distributed=deepspeed_zero2", "distributed.nproc_per_node=2"], False, (4000, 2000, 4000, 0)),
+        # ZeRO-3 shards all three; FSDP likewise.
+        (["distributed=deepspeed_zero3", "distributed.nproc_per_node=2"], False, (2000, 2000, 4000, 0)),
+        (["distributed=fsdp", "distributed.nproc_per_node=4"], False, (1000, 1000, 2000, 0)),
+        # GPU: bf16 weights/grads (2 B) + fp32 master and moments (12 B) for DeepSpeed; offload moves params and
+        # optimizer state to CPU RAM: 1000 x 2 / 2 + 1000 x 12 / 2 = 7000 B per rank.
+        (["distributed=deepspeed_zero3_offload", "distributed.nproc_per_node=2"], True, (0, 1000, 0, 7000)),
+        # FSDP CPU offload keeps everything in CPU RAM (fp32 model, bf16 autocast): 4000 + 4000 + 8000 over 4.
+        (["distributed=fsdp_offload", "distributed.nproc_per_node=4", "model.dtype=float32"], True, (0, 0, 0, 4000)),
+    ],
+)
+def test_memory_estimate(compose: Any, overrides: list[str], cuda: bool, expected: tuple[int, ...]) -> None:
+    cfg = to_run_config(compose(overrides))
+    memory = estimate_memory(SHAPE, cfg, cuda=cuda)
+    assert (memory.weights, memory.gradients, memory.optimizer, memory.offloaded) == expected
+
+
+def test_lora_counts_only_adapters_as_trainable(compose: Any) -> None:
+    cfg = to_run_config(compose(["model.lora.enabled=true", "distributed=ddp", "distributed.nproc_per_node=2"]))
+    shape = ModelShape("Toy", parameters=1000, trainable=10, layer_classes=())
+    memory = estimate_memory(shape, cfg, cuda=False)
+    assert (memory.weights, memory.gradients, memory.optimizer) == (4000, 40, 80)
+
+
+def test_row_validator_is_found_for_sft_and_pairwise_methods(compose: Any) -> None:
+    sft = row_validator(to_run_config(compose(["method=sft"])).method)
+    assert sft is not None
+    validate, columns = sft
+    assert columns == ("messages",)
+    assert validate({"messages": [{"role": "user", "content": "x"}]})  # no trained (assistant) turn
+    dpo = row_validator(to_run_config(compose(["method=dpo"])).method)
+    assert dpo is not None
+    assert "chosen" in dpo[1]
+
+
+def test_sbatch_preview_renders_the_launcher_params(tmp_path: Path) -> None:
+    launcher = {
+        "_target_": SLURM_TARGET,
+        "submitit_folder": str(tmp_path / ".submitit" / "%j"),
+        "nodes": 2,
+        "tasks_per_node": 1,
+        "gpus_per_node": 8,
+        "timeout_min": 60,
+        "partition": "gpu",
+        "max_num_timeout": 3,
+        "name": "launch",
+    }
+    script = sbatch_preview(launcher)
+    assert script is not None
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --time=60"):
+        assert line in script
+    assert not (tmp_path / ".submitit").exists()
+    assert sbatch_preview({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}) is None
