@@ -38,6 +38,9 @@ class RunConfig:
     """Metric tracker."""
     seed: int = 42
     """Seed for model init, dropout and data order (``transformers.set_seed``)."""
+    plan: bool = False
+    """Check everything a run needs (config, first data rows, model config, memory per device, the sbatch script)
+    and exit without training (``python launch.py ... plan=true``)."""
 
 
 def register_configs() -> None:
@@ -62,6 +65,8 @@ def check_known_keys(node: DictConfig | ListConfig, path: str = "") -> None:
     Raises:
         UnknownKeyError: names the full key and the fields the schema has.
     """
+    if node._is_none() or node._is_missing():
+        return
     if isinstance(node, ListConfig):
         for i, item in enumerate(node):
             if isinstance(item, DictConfig | ListConfig):

@@ -280,3 +280,24 @@ def test_default_detection_can_fail() -> None:
         "data.sources[0].split"
     ]
     assert _same_as_default({"dtype": "bfloat16", "lora": {"r": 8}}, model, "model") == []
+
+
+def test_unknown_key_check_accepts_optional_containers_that_are_none() -> None:
+    """A ``list[str] | None`` or ``dict | None`` field left at None is not a container to walk."""
+    from dataclasses import dataclass
+
+    from alignment.config import UnknownKeyError, check_known_keys
+
+    @dataclass
+    class Optionals:
+        names: list[str] | None = None
+        weights: dict[str, float] | None = None
+
+    check_known_keys(OmegaConf.structured(Optionals))
+    node = OmegaConf.structured(Optionals)
+    node.names = ["a"]
+    check_known_keys(node)
+    with pytest.raises(UnknownKeyError, match="extra"):
+        OmegaConf.set_struct(node, False)
+        node.extra = 1
+        check_known_keys(node)
