@@ -87,3 +87,18 @@ def launch(args: list[str], *, cwd: Path, timeout: float = 600) -> subprocess.Co
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def local_server(tiny_random_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The local OpenAI-compatible server on the tiny random model, on a free loopback port.
+
+    Yields its base URL ``http://127.0.0.1:<port>/v1``. The served name is ``embedded:tiny-random-llama``, so a
+    run with ``model=tiny_random`` asks for the right model.
+    """
+    from alignment.inference.server import running_server
+
+    log_path = tmp_path_factory.mktemp("local_server") / "server.log"
+    # One torch thread: on a shared CPU, more threads than free cores slow generate ~10x.
+    with running_server("embedded:tiny-random-llama", extra_args=["--threads", "1"], log_path=log_path) as base_url:
+        yield base_url

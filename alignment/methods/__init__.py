@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignment.methods import cpo, dpo, orpo, sft, simpo, smpo
+from alignment.methods import classification, cpo, dpo, gpo, orpo, reward, sft, simpo, smpo
 from alignment.methods.common import TaskConfig
+from alignment.tools import dedup, generate, rejection_sampling, rm_scoring
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -35,4 +36,11 @@ METHODS: dict[str, Method] = {
     "cpo": Method(cpo.CpoConfig, cpo.run),
     "simpo": Method(simpo.SimpoConfig, simpo.run),
     "smpo": Method(smpo.SmpoConfig, smpo.run),
+    "reward": Method(reward.RewardConfig, reward.run),
+    "classification": Method(classification.ClassificationConfig, classification.run),
+    "gpo": Method(gpo.GpoConfig, gpo.run),
+    "generate": Method(generate.GenerateConfig, generate.run),
+    "rejection_sampling": Method(rejection_sampling.RejectionSamplingConfig, rejection_sampling.run),
+    "rm_scoring": Method(rm_scoring.RmScoringConfig, rm_scoring.run),
+    "dedup": Method(dedup.DedupConfig, dedup.run),
 }

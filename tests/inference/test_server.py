@@ -1,0 +1,132 @@
+"""The local OpenAI-compatible server, driven by the real ``openai`` client: n, token caps, batching, errors, faults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import openai
+import pytest
+
+from alignment.inference.server import Completion, Engine, Job, SamplingKey
+from tests.inference.conftest import FAIL_MARKER, get
+
+MODEL = "embedded:tiny-random-llama"
+
+
+def client(base_url: str, **kwargs: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key="sk-test", **{"max_retries": 0, **kwargs})
+
+
+def ask(content: str, **kwargs: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 6, **kwargs}
+
+
+def test_models_and_health(local_server: str) -> None:
+    assert [m["id"] for m in get(local_server, "/v1/models")["data"]] == [MODEL]
+    assert get(local_server, "/health")["status"] == "ok"
+
+
+def test_n_completions_token_cap_and_usage(local_server: str) -> None:
+    async def go() -> Any:
+        async with client(local_server) as c:
+            return await c.chat.completions.create(**ask("Hello there", n=3, temperature=1.0, max_tokens=5))
+
+    response = asyncio.run(go())
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    assert all(choice.message.role == "assistant" for choice in response.choices)
+    assert all(choice.finish_reason in ("stop", "length") for choice in response.choices)
+    assert response.usage.prompt_tokens > 0
+    assert 3 <= response.usage.completion_tokens <= 15  # at most 5 per completion, at least 1
+    assert response.model == MODEL
+
+
+def test_concurrent_requests_share_batches_and_match_one_at_a_time(local_server: str) -> None:
+    prompts = [f"Question number {i}: what is {i} + {i}?" for i in range(8)]
+
+    async def go() -> tuple[list[str], list[str]]:
+        async with client(local_server) as c:
+            alone = [
+                (await c.chat.completions.create(**ask(p, temperature=0))).choices[0].message.content for p in prompts
+            ]
+            before = get(local_server, "/health")["batches"]
+            together = await asyncio.gather(*(c.chat.completions.create(**ask(p, temperature=0)) for p in prompts))
+            used = get(local_server, "/health")["batches"] - before
+            assert used < len(prompts), f"8 concurrent requests took {used} batches: no batching"
+            return [str(a) for a in alone], [str(r.choices[0].message.content) for r in together]
+
+    alone, together = asyncio.run(go())
+    # Greedy decoding with left padding and the attention mask gives the same text batched as alone.
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    ("request_body", "error", "status"),
+    [
+        (ask("hi", model="some/other-model"), openai.NotFoundError, 404),
+        (ask("hi", n=0), openai.BadRequestError, 400),
+        ({"model": MODEL, "messages": []}, openai.BadRequestError, 400),
+    ],
+)
+def test_bad_requests_are_client_errors(
+    local_server: str, request_body: dict[str, Any], error: type[Exception], status: int
+) -> None:
+    async def go() -> None:
+        async with client(local_server, max_retries=3) as c:
+            await c.chat.completions.create(**request_body)
+
+    with pytest.raises(error) as caught:
+        asyncio.run(go())
+    assert getattr(caught.value, "status_code", None) == status
+
+
+def test_injected_faults_reach_the_client_as_openai_errors(faulty_server: str) -> None:
+    async def go() -> list[Any]:
+        async with client(faulty_server) as c:
+            calls = [c.chat.completions.create(**ask(f"ping {i}")) for i in range(40)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    before = Counter(get(faulty_server, "/faults"))  # the server is shared: count this test's faults only
+    outcomes = asyncio.run(go())
+    kinds = Counter(type(o).__name__ for o in outcomes)
+    assert kinds["ChatCompletion"] > 0, kinds
+    assert set(kinds) <= {"ChatCompletion", "RateLimitError", "InternalServerError", "APIConnectionError"}, kinds
+    limited = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    assert all(o.response.headers["retry-after"] == "0.05" for o in limited)
+    counts = Counter(get(faulty_server, "/faults")) - before
+    assert kinds["RateLimitError"] == counts["429"]
+    assert kinds["InternalServerError"] == counts["500"]
+    assert kinds["APIConnectionError"] == counts["drop"]
+
+
+def test_marked_request_always_fails_even_after_retries(faulty_server: str) -> None:
+    async def go() -> None:
+        async with client(faulty_server, max_retries=2) as c:
+            await c.chat.completions.create(**ask(f"please {FAIL_MARKER}"))
+
+    before = get(faulty_server, "/faults").get("marker", 0)
+    with pytest.raises(openai.RateLimitError):
+        asyncio.run(go())
+    assert get(faulty_server, "/faults")["marker"] == before + 3  # the first try and two retries
+
+
+def test_finish_cuts_at_end_of_turn_token_cap_and_stop_string(tiny_random_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    engine = Engine.__new__(Engine)
+    engine.tokenizer = AutoTokenizer.from_pretrained(tiny_random_path)
+    eos = engine.tokenizer.eos_token_id
+    engine.stop_ids = {eos}
+    words = engine.tokenizer.encode(" one two three four", add_special_tokens=False)
+
+    def job(max_tokens: int, stop: list[str]) -> Job:
+        return Job([], 1, max_tokens, SamplingKey(0.0, None, None), stop, lambda _: None)
+
+    assert engine._finish([*words, eos, *words], job(50, [])) == Completion(
+        " one two three four", len(words) + 1, "stop"
+    )
+    capped = engine._finish([*words, eos], job(2, []))
+    assert (capped.tokens, capped.finish_reason) == (2, "length")
+    assert engine._finish(words, job(50, [" three"])).text == " one two"
+    assert engine._finish(words, job(50, [" three"])).finish_reason == "stop"
