@@ -297,7 +297,7 @@ def test_unknown_key_check_accepts_optional_containers_that_are_none() -> None:
     node = OmegaConf.structured(Optionals)
     node.names = ["a"]
     check_known_keys(node)
+    OmegaConf.set_struct(node, False)
+    node.extra = 1
     with pytest.raises(UnknownKeyError, match="extra"):
-        OmegaConf.set_struct(node, False)
-        node.extra = 1
         check_known_keys(node)
