@@ -2,12 +2,12 @@
 
 For each problem of :mod:`alignment.data.demo` (the first :data:`NUM_TRAIN` train problems and all the test ones,
 so train and test never share a problem), ``chosen`` is the problem's correct equation and ``rejected`` is the
-correct equation of a *different* problem of the same split (a distractor). Both answers are true statements, so
-the preference is relevance, not arithmetic: a reward model ranks the pair right by checking that the operands and
-operation in the answer are the ones the question asks about (copy matching), which a small pretrained model
-learns from a few hundred pairs. Whether ``c`` in ``a op b = c`` is right is *not* what this data teaches; the
-``data=demo`` pairs (answers off by 1, 2 or 10) test that, and a 135M model stays near chance on them on CPU.
-Deterministic (seeded).
+correct equation of a *different* problem of the same split with the same operation (a distractor). Both answers
+are true statements with the same operator, so the preference is relevance, not arithmetic: a reward model ranks
+the pair right by checking that the operands in the answer are the ones the question asks about (copy matching),
+which a small pretrained model learns from a few dozen pairs. Whether ``c`` in ``a op b = c`` is right is *not*
+what this data teaches; the ``data=demo`` pairs (answers off by 1, 2 or 10) ask that, and a 135M model stays near
+chance on them within a CPU budget. Deterministic (seeded).
 Files: ``reward_train.jsonl`` (400 pairs) and ``reward_test.jsonl`` (100 held-out pairs) next to the demo data;
 regenerate them with ``python -m alignment.data.demo_reward`` (a test checks the shipped files match this code).
 """
@@ -38,11 +38,11 @@ def reward_row(problem: Problem, distractor: Problem, rng: random.Random) -> dic
 
 
 def pairs(items: list[Problem], rng: random.Random) -> list[dict[str, Any]]:
-    """A pair per problem, each rejected answer drawn from the other problems of ``items``."""
+    """A pair per problem, each rejected answer drawn from the other problems of ``items`` with the same operation."""
     rows = []
-    for index, problem in enumerate(items):
-        other = rng.randrange(len(items) - 1)
-        rows.append(reward_row(problem, items[other + (other >= index)], rng))
+    for problem in items:
+        others = [p for p in items if p.op == problem.op and p != problem]
+        rows.append(reward_row(problem, rng.choice(others), rng))
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import torch
 from transformers import set_seed
 
 import alignment.models.reward as reward_models
+from alignment.data import demo, demo_reward
 from alignment.data.validate import DataError
 from alignment.methods import METHODS, reward
+from alignment.methods.pairwise import row_problems
 from alignment.methods.reward import RewardCollator, RewardConfig, RewardObjective, bt_loss
 from alignment.models.reward import TruncationSide, load_reward_model, score_conversations
 from tests.conftest import launch
@@ -322,29 +325,68 @@ def test_cli_run_writes_metrics_histogram_and_a_loadable_model(tmp_path: Path) -
     assert math.isfinite(score)
 
 
+# --- the demo reward pairs ----------------------------------------------------------------------------------------
+
+
+def _true_equation(text: str) -> str:
+    """``a op b`` from ``"a op b = c"``, checking that the equation is true."""
+    expression, result = text.split(" = ")
+    a, op, b = expression.split(" ")
+    assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result), text
+    return expression
+
+
+def test_shipped_demo_reward_pairs_match_the_generator_and_differ_only_in_relevance(tmp_path: Path) -> None:
+    """Chosen: the question's true equation; rejected: a true equation of another problem with the same operator."""
+    written = demo_reward.write(tmp_path)
+    assert [p.name for p in written] == ["reward_train.jsonl", "reward_test.jsonl"]
+    questions: dict[str, set[str]] = {}
+    for path in written:
+        assert path.read_bytes() == (demo.DEMO_DIR / path.name).read_bytes(), (
+            "stale: python -m alignment.data.demo_reward"
+        )
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert all(row_problems(r) == [] for r in rows)
+        questions[path.name] = set()
+        for row in rows:
+            (question,) = row["prompt"]
+            asked = re.search(r"\d+ [-+*] \d+", question["content"]).group()  # type: ignore[union-attr]
+            chosen = _true_equation(row["chosen"][0]["content"])
+            rejected = _true_equation(row["rejected"][0]["content"])
+            assert chosen == asked
+            assert rejected != asked
+            assert chosen.split(" ")[1] == rejected.split(" ")[1]  # same operator: only the operands tell them apart
+            questions[path.name].add(chosen)
+    assert [len(questions[p.name]) for p in written] == [demo_reward.NUM_TRAIN, 100]
+    assert questions["reward_train.jsonl"].isdisjoint(questions["reward_test.jsonl"])
+
+
 # --- learning check on the real model -------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_smollm2_reward_model_fits_demo_pairs(compose: Any, tmp_path: Path) -> None:
-    """SmolLM2-135M with LoRA learns to rank 8 demo pairs it trains on (16 steps): accuracy and margin rise.
+def test_smollm2_reward_model_ranks_held_out_demo_pairs(compose: Any, tmp_path: Path) -> None:
+    """SmolLM2-135M with LoRA, 8 steps of 8 ``data=demo_reward`` pairs: all 100 held-out pairs ranked right.
 
-    This checks that the BT objective, the pooling and the head train a real model. It is not a generalisation
-    check: on 64 held-out demo pairs (is ``a op b = c`` correct?) accuracy stayed near chance within a CPU budget
-    (full fine-tuning, 100 steps of 8 pairs: 0.531 -> 0.5625; LoRA: 0.53 -> 0.50 after 60 steps); see the README.
+    What the model learns is relevance, not arithmetic: both answers are true equations with the question's
+    operator, and only the chosen one has the question's operands, so ranking means matching the answer's operands
+    against the question. Measured (seed 42, 100 held-out pairs): accuracy 0.34 -> 1.0, mean margin -0.06 -> 3.45,
+    eval loss 0.727 -> 0.063 (about 50 s on 2 shared cores); seeds 1 and 2 gave 0.61 -> 1.0 and 0.23 -> 1.0 on 64
+    pairs after 4 steps. On the ``data=demo`` pairs (is ``c`` right in ``a op b = c``?) a 135M model stays at chance
+    within a CPU budget (full fine-tuning, 100 steps of 8 pairs: 0.53 -> 0.56).
     """
     overrides = [
         "model=smollm2_135m",
         "model.lora.enabled=true",
         "method=reward",
+        "data=demo_reward",
         "logger=none",
-        "data.sources=[{path: 'embedded:train.jsonl', eval_path: 'embedded:train.jsonl', sample_fraction: 0.008}]",
-        "method.max_steps=16",
+        "method.max_steps=8",
         "method.per_device_train_batch_size=8",
-        "method.per_device_eval_batch_size=8",
+        "method.per_device_eval_batch_size=50",
         "method.learning_rate=1e-3",
         "method.logging_steps=4",
-        "method.eval_steps=16",
+        "method.eval_steps=8",
         "method.save_strategy=no",
         "method.max_length=64",
     ]
@@ -353,7 +395,8 @@ def test_smollm2_reward_model_fits_demo_pairs(compose: Any, tmp_path: Path) -> N
     evals = [e for e in read_logs(tmp_path / "run") if "eval_loss" in e]
     before, after = evals[0], evals[-1]
     print({k: (before[k], after[k]) for k in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss")})
-    assert (before["step"], after["step"]) == (0, 16)
-    assert after["eval_rewards/accuracies"] >= 0.875
-    assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.5
-    assert after["eval_loss"] < before["eval_loss"]
+    assert (before["step"], after["step"]) == (0, 8)
+    assert before["eval_rewards/accuracies"] < 0.65  # an untrained head ranks at about chance
+    assert after["eval_rewards/accuracies"] >= 0.9  # 90 of the 100 held-out pairs
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 1.0
+    assert after["eval_loss"] < 0.2 < before["eval_loss"]
