@@ -50,7 +50,7 @@ import torch
 from alignment.data.chat_template import IGNORE_INDEX, Message, tokenize_conversation
 from alignment.data.validate import ORIGIN, DataError, message_list_problems, require_columns
 from alignment.methods.common import MethodConfig
-from alignment.methods.pairwise import ReferenceKind, _attention_kwargs
+from alignment.methods.pairwise import ReferenceKind, attention_kwargs
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -459,7 +459,7 @@ def _group_attention_kwargs(model: PreTrainedModel, batch: Mapping[str, torch.Te
     """Completions attend to their group's shared prompt and to themselves, causally."""
     segments, groups = batch["segment_ids"][0], batch["group_ids"][0]
     if not bool((segments < 0).any()):
-        return _attention_kwargs(model, batch["position_ids"], batch["segment_ids"])  # plain packed sequences
+        return attention_kwargs(model, batch["position_ids"], batch["segment_ids"])  # plain packed sequences
     inner: PreTrainedModel = getattr(model, "module", model)
     implementation = getattr(inner.config, "_attn_implementation", None)
     if implementation == "flash_attention_2":
@@ -518,14 +518,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     from alignment.data.mix import build_splits
     from alignment.methods.common import train_and_save
     from alignment.methods.gpo_trainer import build_trainer
-    from alignment.methods.pairwise import _resolve_kind
+    from alignment.methods.pairwise import resolve_kind
     from alignment.models.config import AttnImplementation
     from alignment.models.load import load_tokenizer
 
     method = cfg.method
     assert isinstance(method, GpoConfig)
     # Checked first, so a setting that cannot work fails before any data or model is loaded.
-    kind = _resolve_kind(method.reference, cfg.model.lora.enabled) if method.kl_beta > 0 else None
+    kind = resolve_kind(method.reference, cfg.model.lora.enabled) if method.kl_beta > 0 else None
     if method.share_prompt and cfg.model.attn_implementation is AttnImplementation.flash_attention_2:
         raise ValueError("method.share_prompt=true needs sdpa or eager attention; set method.share_prompt=false")
     tokenizer = load_tokenizer(cfg.model)

@@ -28,7 +28,7 @@ from alignment.methods.gpo import (
     packed_lengths,
     token_logps,
 )
-from alignment.methods.pairwise import ReferenceKind, TokenBudgetBatchSampler, _load_reference, place
+from alignment.methods.pairwise import ReferenceKind, TokenBudgetBatchSampler, load_reference, place
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -255,10 +255,10 @@ def _reference(
     if kind is None:
         return None, splits
     if kind is not ReferenceKind.precomputed:
-        return GroupReference(_load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None), splits
+        return GroupReference(load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None), splits
     import hashlib
 
-    frozen = _load_reference(cfg, tokenizer)
+    frozen = load_reference(cfg, tokenizer)
     method = cfg.method
     assert isinstance(method, GpoConfig)
     done: list[Dataset | None] = []

@@ -346,7 +346,7 @@ class PairCollator:
         return batch
 
 
-def _attention_kwargs(model: PreTrainedModel, position_ids: torch.Tensor, sequence_ids: torch.Tensor) -> dict[str, Any]:
+def attention_kwargs(model: PreTrainedModel, position_ids: torch.Tensor, sequence_ids: torch.Tensor) -> dict[str, Any]:
     """Keep attention inside each packed sequence: varlen boundaries for flash-attention, a 4-D mask otherwise."""
     # A DDP/DeepSpeed wrapper (what the Trainer passes to compute_loss) has neither ``config`` nor ``dtype``.
     inner: PreTrainedModel = getattr(model, "module", model)
@@ -385,7 +385,7 @@ def sequence_logps(
         input_ids=input_ids,
         position_ids=position_ids,
         use_cache=False,
-        **_attention_kwargs(model, position_ids, sequence_ids),
+        **attention_kwargs(model, position_ids, sequence_ids),
     )
     logits = outputs.logits[0, :-1].float()
     targets = labels[0, 1:]
@@ -481,7 +481,8 @@ def place(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
     return model
 
 
-def _load_reference(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_reference(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A frozen copy of the run's model (without adapters), in eval mode, for the pairwise methods and GPO."""
     from dataclasses import replace
 
     from alignment.models.load import load_model
@@ -537,7 +538,8 @@ def precompute_reference(dataset: Dataset, reference: PreTrainedModel, key: str,
     return dataset.add_column("ref_rejected_logps", cached["rejected"].tolist())
 
 
-def _resolve_kind(kind: ReferenceKind, lora: bool) -> ReferenceKind:
+def resolve_kind(kind: ReferenceKind, lora: bool) -> ReferenceKind:
+    """The concrete reference kind: ``auto`` becomes adapters with LoRA, else a frozen copy; impossible ones fail."""
     if kind is ReferenceKind.auto:
         return ReferenceKind.adapters if lora else ReferenceKind.copy
     if kind is ReferenceKind.adapters and not lora:
@@ -567,7 +569,7 @@ def run_pairwise(
     method = cfg.method
     assert isinstance(method, MethodConfig)
     # Resolved first, so a reference that cannot work fails before any data or model is loaded.
-    kind = _resolve_kind(reference_kind, cfg.model.lora.enabled) if reference_kind is not None else None
+    kind = resolve_kind(reference_kind, cfg.model.lora.enabled) if reference_kind is not None else None
     tokenizer = load_tokenizer(cfg.model)
     splits = build_splits(cfg.data, row_problems, COLUMNS)
     train = tokenize_pairs(splits.train, tokenizer, max_length)
@@ -585,7 +587,7 @@ def run_pairwise(
 
     reference: Reference | None = None
     if kind is ReferenceKind.precomputed:
-        frozen = place(_load_reference(cfg, tokenizer), args.device)
+        frozen = place(load_reference(cfg, tokenizer), args.device)
         batch = method.per_device_eval_batch_size
         # The main process computes and caches first; the other ranks then read its cache file.
         with args.main_process_first(desc="reference log-probs"):
@@ -596,7 +598,7 @@ def run_pairwise(
         del frozen
         reference = Reference(None)
     elif kind is not None:
-        reference = Reference(_load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None)
+        reference = Reference(load_reference(cfg, tokenizer) if kind is ReferenceKind.copy else None)
 
     from alignment.methods.pairwise_trainer import PairwiseTrainer
 
