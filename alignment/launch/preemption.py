@@ -104,18 +104,38 @@ def preemption_guard() -> Iterator[None]:
         signal.signal(signum, previous)
 
 
+def _elastic_signals() -> list[int]:
+    """The signals whose handlers torch elastic replaces in the launching process (as it reads them)."""
+    names = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    found = (getattr(signal, name.strip(), None) for name in names.split(","))
+    return [s for s in found if isinstance(s, int)]
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for signum, handler in handlers.items():
+        if handler is not None:  # None: installed outside Python, cannot be put back
+            signal.signal(signum, handler)
+
+
 @contextmanager
 def requeue_after_ranks() -> Iterator[None]:
     """In the SLURM task that runs torch elastic: on the signal, let the ranks save and stop, then requeue.
 
     The ranks (same job step, so they receive the signal too) save ``checkpoint-<step>`` and stop; when the block
     then fails (no results) submitit's handler requeues the job. A block that completes is not requeued.
+
+    torch elastic leaves its own ``SIGTERM``/``SIGINT``/``SIGHUP``/``SIGQUIT`` handlers in this process, and its
+    ``SIGTERM`` handler raises ``SignalException``. ``scontrol requeue`` makes SLURM send ``SIGTERM`` while
+    submitit's handler is still on its way to ``sys.exit``: that exception would end the Hydra job as failed, and
+    submitit would write a result file for an attempt that was requeued (the launcher reads it, and cannot even
+    unpickle it). So the handlers from before the block (submitit's, which ignore ``SIGTERM``) come back first.
     """
     if not in_submitit_slurm_job():
         yield
         return
     signum = _submitit_signal()
     previous = signal.getsignal(signum)
+    before = {s: signal.getsignal(s) for s in _elastic_signals()} | {signum: previous}
 
     def handler(received: int, frame: FrameType | None) -> None:
         log.warning("signal %d: waiting for the ranks to save and stop, then requeueing", received)
@@ -126,12 +146,12 @@ def requeue_after_ranks() -> Iterator[None]:
     try:
         yield
     except Exception:
-        signal.signal(signum, previous)
+        _restore(before)
         if preemption_requested() and callable(previous):
             previous(signum, None)
         raise
     finally:
-        signal.signal(signum, previous)
+        _restore(before)
 
 
 def _any_rank(flag: bool, args: TrainingArguments) -> bool:

@@ -8,6 +8,7 @@ session. Where no cluster can be started the tests skip and say why. ``SLURM_LOC
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -90,3 +91,19 @@ def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.5
 def job_logs(sweep_dir: Path) -> str:
     """The submitit stdout/stderr of every job of a sweep (for failure messages)."""
     return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(sweep_dir.rglob("*_log.*")))
+
+
+_RESULT_WRITTEN = re.compile(
+    r"^submitit (INFO|ERROR) \([^)]*\) - (Job completed successfully|Submitted job triggered an exception)$", re.M
+)
+
+
+def result_writes(sweep_dir: Path) -> int:
+    """How many job attempts of a sweep ended by writing submitit's result file (success or error).
+
+    An attempt that requeues itself must exit without one: the launcher takes the first result file it finds as
+    the job's outcome, while the requeued attempt is still running.
+    """
+    logs = sorted(sweep_dir.glob(".submitit/*/*_log.out"))
+    assert logs, f"no submitit logs under {sweep_dir}"
+    return sum(len(_RESULT_WRITTEN.findall(p.read_text(errors="replace"))) for p in logs)

@@ -14,14 +14,16 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.slurm.conftest import job_dirs, job_logs, squeue_ids, wait_for
+from tests.slurm.conftest import job_dirs, job_logs, result_writes, squeue_ids, wait_for
 from tests.slurm.test_requeue import _state, _train_losses
 
 MAX_STEPS = 16
@@ -76,6 +78,10 @@ def test_two_rank_ddp_job_saves_on_the_signal_requeues_and_resumes(slurm_cluster
     logs = "".join(p.read_text(errors="replace") for p in sorted(sweep.rglob("*_log.*")))
     assert slurm.returncode == 0, out[-3000:] + job_logs(sweep)
     assert "Requeued job" in logs, logs[-6000:]
+    # The first attempt exits without a result file, and SLURM's SIGTERM on the requeue reached submitit's handler,
+    # not torch elastic's (which raises SignalException, and Hydra then records the requeued attempt as failed).
+    assert result_writes(sweep) == 1, "the requeued attempt wrote a result file too: " + logs[-6000:]
+    assert "SignalException" not in logs, logs[-6000:]
     # Both ranks stopped cleanly at the same step, and the requeued job resumed from that checkpoint.
     saved = re.findall(r"preempted: saved checkpoint-(\d+) in \S+; exiting cleanly", logs)
     assert len(saved) == 2, logs[-6000:]
@@ -95,3 +101,51 @@ def test_two_rank_ddp_job_saves_on_the_signal_requeues_and_resumes(slurm_cluster
     records = [json.loads((job / "ranks" / f"rank-{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
     assert math.isclose(records[0]["param_sum_local"], records[1]["param_sum_local"], rel_tol=1e-9)
+
+
+def _ranks_stop_with_elastic_handlers_left(requeued: list[int]) -> None:
+    """The ranks' block in the SLURM task, after the time-limit signal: torch elastic ran, the ranks saved and left."""
+    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+    from alignment.launch.preemption import requeue_after_ranks
+
+    with requeue_after_ranks():
+        signal.signal(signal.SIGTERM, _terminate_process_handler)  # left behind by elastic_launch
+        os.kill(os.getpid(), signal.SIGUSR2)  # the time-limit signal: here it only raises the flag
+        assert requeued == [], "submitit requeued before the ranks stopped"
+        raise RuntimeError("no results")  # what run_ranks raises once the ranks saved and exited
+
+
+def test_sigterm_is_submitits_again_when_it_requeues(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SIGTERM handler torch elastic leaves (it raises) is gone when submitit's handler runs ``scontrol requeue``.
+
+    No cluster: the fake submitit handler sends itself SIGTERM, as SLURM does on the requeue. Before the fix, torch
+    elastic's handler raised ``SignalException`` there, and the Hydra job ended failed instead of requeued.
+    """
+    from alignment.launch import preemption
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setattr(preemption._State, "requested_signal", None)
+    bypassed: list[int] = []
+    requeued: list[int] = []
+
+    def submitit_bypass(signum: int, frame: FrameType | None) -> None:
+        bypassed.append(signum)
+
+    def submitit_requeue(signum: int, frame: FrameType | None) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # what `scontrol requeue` makes SLURM do to this process
+        requeued.append(signum)
+
+    old_term = signal.signal(signal.SIGTERM, submitit_bypass)
+    old_usr2 = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        with pytest.raises(RuntimeError, match="no results"):
+            _ranks_stop_with_elastic_handlers_left(requeued)
+        assert requeued == [signal.SIGUSR2]
+        assert bypassed == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is submitit_bypass
+        assert signal.getsignal(signal.SIGUSR2) is submitit_requeue
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGUSR2, old_usr2)

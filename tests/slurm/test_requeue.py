@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.slurm.conftest import job_dirs, job_logs, squeue_ids, wait_for
+from tests.slurm.conftest import job_dirs, job_logs, result_writes, squeue_ids, wait_for
 
 MAX_STEPS = 6
 RUN = [
@@ -95,6 +95,7 @@ def test_interrupted_job_requeues_and_resumes_to_the_last_step(slurm_cluster: st
     logs = job_logs(sweep) + (sweep / "0" / "launch.log").read_text(errors="replace")
     assert slurm.returncode == 0, out[-3000:] + logs[-6000:]
     assert "Requeued job" in logs, logs[-6000:]
+    assert result_writes(sweep) == 1, "the requeued attempt wrote a result file too: " + logs[-6000:]
     saved = re.findall(r"preempted: saved checkpoint-(\d+)", logs)
     resumed = re.findall(r"resuming the interrupted run from \S+/checkpoint-(\d+)", logs)
     assert len(saved) == 1, logs[-6000:]
