@@ -48,6 +48,38 @@ TINY_DEMO_PAIRS = [
 ]
 
 
+def tiny_model(path: str, attn: str = "sdpa") -> Any:
+    """The tiny random Llama in fp32 and eval mode, with the given attention implementation."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def sgd_step_args(out: Path, **overrides: Any) -> Any:
+    """``TrainingArguments`` for one step of plain SGD (lr 1, no clipping, constant schedule) on CPU, no saving."""
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 1,
+        "learning_rate": 1.0,
+        "optim": "sgd",
+        "max_grad_norm": 0.0,
+        "lr_scheduler_type": "constant",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_steps": 1,
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "remove_unused_columns": False,
+        "prediction_loss_only": True,
+    }
+    return TrainingArguments(**{**settings, **overrides})
+
+
 def trainable(model: Any) -> dict[str, torch.Tensor]:
     """A copy of the parameters that require grad."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

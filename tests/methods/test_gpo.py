@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer
 
 from alignment.config import to_run_config
 from alignment.context import RunContext
@@ -70,6 +70,7 @@ from alignment.methods.gpo import (
 )
 from alignment.methods.gpo_trainer import GpoTrainer, GroupReference, precompute_reference
 from tests.conftest import launch
+from tests.methods.helpers import sgd_step_args, tiny_model
 
 LN2 = math.log(2.0)
 KL_LN2 = 1 - LN2  # k3 at rho = ln 2
@@ -395,10 +396,6 @@ def test_long_completions_are_cut_at_the_end_and_empty_groups_dropped(tokenizer:
 # --- the packed forward -----------------------------------------------------------------------------------------
 
 
-def _tiny(path: str, attn: str = "sdpa") -> Any:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
-
-
 def _alone(model: Any, ids: list[int], labels: list[int]) -> torch.Tensor:
     """Completion token log-probs of one sequence forwarded alone, with no mask at all."""
     with torch.no_grad():
@@ -411,7 +408,7 @@ def _alone(model: Any, ids: list[int], labels: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_log_probs_equal_unpacked_forwards(tiny_random_path: str, tokenizer: Any, attn: str) -> None:
     rows = list(_tokenize(GROUPS, tokenizer)[0])
-    model = _tiny(tiny_random_path, attn)
+    model = tiny_model(tiny_random_path, attn)
     expected, owners = [], []
     for row in rows:
         for ids, labels in zip(row["completion_ids"], row["completion_labels"], strict=True):
@@ -433,7 +430,7 @@ def test_packed_log_probs_equal_unpacked_forwards(tiny_random_path: str, tokeniz
 
 def test_shared_prompt_is_rejected_with_flash_attention(tiny_random_path: str, tokenizer: Any) -> None:
     rows = list(_tokenize(GROUPS[:1], tokenizer)[0])
-    model = _tiny(tiny_random_path)
+    model = tiny_model(tiny_random_path)
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="share_prompt=true needs sdpa or eager"):
         token_logps(model, GroupCollator(share_prompt=True)(rows))
@@ -442,40 +439,18 @@ def test_shared_prompt_is_rejected_with_flash_attention(tiny_random_path: str, t
 # --- the trainer ------------------------------------------------------------------------------------------------
 
 
-def _args(out: Path, **overrides: Any) -> TrainingArguments:
-    settings: dict[str, Any] = {
-        "output_dir": str(out),
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 1,
-        "learning_rate": 1.0,
-        "optim": "sgd",
-        "max_grad_norm": 0.0,
-        "lr_scheduler_type": "constant",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "logging_steps": 1,
-        "report_to": [],
-        "use_cpu": True,
-        "seed": 0,
-        "remove_unused_columns": False,
-        "prediction_loss_only": True,
-    }
-    return TrainingArguments(**{**settings, **overrides})
-
-
 def _trainer(path: str, out: Path, train: Dataset, aggregation: TokenAggregation, **overrides: Any) -> GpoTrainer:
     from functools import partial
 
-    model = _tiny(path).train()
-    frozen = _tiny(path).requires_grad_(False)
+    model = tiny_model(path).train()
+    frozen = tiny_model(path).requires_grad_(False)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
         for parameter in frozen.parameters():
             parameter.mul_(0.9)
     loss_fn = partial(gpo_loss, loss_type=GpoLossType.prob_weighted, aggregation=aggregation, kl_beta=0.1)
     return GpoTrainer(
         model=model,
-        args=_args(out, **overrides),
+        args=sgd_step_args(out, **overrides),
         train_dataset=train,
         eval_dataset=train,
         data_collator=GroupCollator(),
@@ -551,7 +526,7 @@ def test_precomputed_reference_matches_the_frozen_model_and_is_cached(
 ) -> None:
     monkeypatch.setenv("ALIGNMENT_CACHE_DIR", str(tmp_path / "cache"))
     train = _tokenize(GROUPS, tokenizer)[0]
-    frozen = _tiny(tiny_random_path)
+    frozen = tiny_model(tiny_random_path)
     with_ref = precompute_reference(train, frozen, "key", groups_per_batch=3)
     batch = GroupCollator(share_prompt=False)(list(with_ref))
     with torch.no_grad():
@@ -568,10 +543,10 @@ def test_adapters_reference_is_the_base_model(tiny_random_path: str, tokenizer: 
 
     batch = GroupCollator()(list(_tokenize(GROUPS, tokenizer)[0]))
     with torch.no_grad():
-        base = token_logps(_tiny(tiny_random_path), batch)[0]
+        base = token_logps(tiny_model(tiny_random_path), batch)[0]
     torch.manual_seed(0)
     policy = get_peft_model(
-        _tiny(tiny_random_path), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+        tiny_model(tiny_random_path), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
     )
     with torch.no_grad():
         adapted = token_logps(policy, batch)[0]

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments
 
 import alignment.models.load as model_loading
 from alignment.config import RunConfig, to_run_config
@@ -50,6 +50,7 @@ from alignment.methods.pairwise import (
     total_loss,
 )
 from alignment.methods.pairwise_trainer import PairwiseTrainer
+from tests.methods.helpers import sgd_step_args, tiny_model
 
 USER = {"role": "user", "content": "What is 2 + 3?"}
 GOOD = {"role": "assistant", "content": "2 + 3 = 5"}
@@ -229,10 +230,6 @@ def test_nothing_is_logged_when_no_pair_is_cut_or_dropped(
 # --- the packed forward ------------------------------------------------------------------------------------
 
 
-def _tiny(path: str, attn: str = "sdpa") -> Any:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
-
-
 def _unpacked(model: Any, ids: list[int], labels: list[int]) -> tuple[float, int]:
     """Summed completion log-prob and completion tokens of one sequence, forwarded alone without any mask."""
     with torch.no_grad():
@@ -249,7 +246,7 @@ def test_packed_logps_equal_per_sequence_forwards(tiny_random_path: str, attn: s
     rows = list(tokenize_pairs(Dataset.from_list(PAIRS), tokenizer, max_length=512))
     lengths = {len(r[f"{s}_input_ids"]) for r in rows for s in ("chosen", "rejected")}
     assert len(lengths) >= 6  # sequences of many different lengths share the row
-    model = _tiny(tiny_random_path, attn)
+    model = tiny_model(tiny_random_path, attn)
     batch = PairCollator()(rows)
     with torch.no_grad():
         packed = sequence_logps(model, batch)
@@ -278,7 +275,7 @@ class Wrapped(torch.nn.Module):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_forward_through_a_data_parallel_wrapper(tiny_random_path: str, tiny_pairs: Dataset, attn: str) -> None:
-    model = _tiny(tiny_random_path, attn)
+    model = tiny_model(tiny_random_path, attn)
     batch = PairCollator()(list(tiny_pairs))
     with torch.no_grad():
         direct, wrapped = sequence_logps(model, batch), sequence_logps(Wrapped(model), batch)  # type: ignore[arg-type]
@@ -287,7 +284,7 @@ def test_packed_forward_through_a_data_parallel_wrapper(tiny_random_path: str, t
 
 
 def test_token_shaper_reshapes_only_the_shaped_sums(tiny_random_path: str, tiny_pairs: Dataset) -> None:
-    model = _tiny(tiny_random_path)
+    model = tiny_model(tiny_random_path)
     batch = PairCollator()(list(tiny_pairs))
     seen: dict[str, Any] = {}
 
@@ -375,34 +372,12 @@ def test_micro_batch_shares_sum_to_the_full_batch_loss() -> None:
 # --- the trainer -------------------------------------------------------------------------------------------
 
 
-def _args(out: Path, **overrides: Any) -> TrainingArguments:
-    settings: dict[str, Any] = {
-        "output_dir": str(out),
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 1,
-        "learning_rate": 1.0,
-        "optim": "sgd",
-        "max_grad_norm": 0.0,
-        "lr_scheduler_type": "constant",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "logging_steps": 1,
-        "report_to": [],
-        "use_cpu": True,
-        "seed": 0,
-        "remove_unused_columns": False,
-        "prediction_loss_only": True,
-    }
-    return TrainingArguments(**{**settings, **overrides})
-
-
 def _trainer(path: str, out: Path, train: Dataset, **overrides: Any) -> PairwiseTrainer:
-    model = _tiny(path).train()
+    model = tiny_model(path).train()
     frozen = copy.deepcopy(model).requires_grad_(False).eval()
     return PairwiseTrainer(
         model=model,
-        args=_args(out, **overrides),
+        args=sgd_step_args(out, **overrides),
         train_dataset=train,
         eval_dataset=train,
         data_collator=PairCollator(),
@@ -504,10 +479,10 @@ def test_adapters_reference_is_the_base_model(tiny_random_path: str, tiny_pairs:
     from peft import LoraConfig, get_peft_model
 
     batch = PairCollator()(list(tiny_pairs))
-    base = sequence_logps(_tiny(tiny_random_path), batch)
+    base = sequence_logps(tiny_model(tiny_random_path), batch)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    policy = get_peft_model(_tiny(tiny_random_path), lora)
+    policy = get_peft_model(tiny_model(tiny_random_path), lora)
     adapted = sequence_logps(policy, batch)
     reference = Reference(None).logps(policy, batch)
     through_wrapper = Reference(None).logps(Wrapped(policy), batch)  # type: ignore[arg-type]
