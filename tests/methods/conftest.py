@@ -1,4 +1,4 @@
-"""The ``loaded`` fixture: every model a method's ``run`` loads, captured with its starting weights."""
+"""Fixtures that capture every model a method's ``run`` loads, with its starting weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 import alignment.models.load as model_loading
-from tests.methods.helpers import Loaded
+from alignment.models import reward as reward_models
+from tests.methods.helpers import Loaded, trainable
 
 
 @pytest.fixture
@@ -20,4 +21,19 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> Loaded:
         return box.keep(real(*args, **kwargs))
 
     monkeypatch.setattr(model_loading, "load_model", load_and_keep)
+    return box
+
+
+@pytest.fixture
+def models(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """``(model, starting trainable weights)`` for every sequence classifier a run loads (reward, classification)."""
+    box: list[Any] = []
+    real = reward_models.load_model_for_classification
+
+    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
+        model = real(*args, **kwargs)
+        box.append((model, trainable(model)))
+        return model
+
+    monkeypatch.setattr(reward_models, "load_model_for_classification", load_and_keep)
     return box

@@ -163,21 +163,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture
-def models(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every model a run loads, with its starting trainable weights."""
-    box: list[Any] = []
-    real = reward_models.load_model_for_classification
-
-    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
-        model = real(*args, **kwargs)
-        box.append((model, trainable(model)))
-        return model
-
-    monkeypatch.setattr(reward_models, "load_model_for_classification", load_and_keep)
-    return box
-
-
 def _overrides(train: Path, evaluation: Path | None = None, *extra: str) -> list[str]:
     source = f"{{path:'{train}', eval_path:'{evaluation}'}}" if evaluation else f"{{path:'{train}'}}"
     return [

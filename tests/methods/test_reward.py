@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import set_seed
 
-import alignment.models.reward as reward_models
 from alignment.data import demo, demo_reward
 from alignment.data.validate import DataError
 from alignment.methods import METHODS, reward
@@ -143,21 +142,6 @@ ONE_SGD_STEP = [
     "method.eval_strategy=no",
     "method.center_rewards_coefficient=0.1",
 ]
-
-
-@pytest.fixture
-def models(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every model a run loads (``run`` imports the loader at call time), with its starting trainable weights."""
-    box: list[Any] = []
-    real = reward_models.load_model_for_classification
-
-    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
-        model = real(*args, **kwargs)
-        box.append((model, trainable(model)))
-        return model
-
-    monkeypatch.setattr(reward_models, "load_model_for_classification", load_and_keep)
-    return box
 
 
 def test_grad_accumulation_1x4_equals_4x1(compose: Any, tmp_path: Path, models: list[Any]) -> None:
