@@ -7,6 +7,8 @@ session. Where no cluster can be started the tests skip and say why. ``SLURM_LOC
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch
 
 START = ROOT / "scripts" / "slurm_local.sh"
 STOP = ROOT / "scripts" / "slurm_local_stop.sh"
@@ -107,3 +109,41 @@ def result_writes(sweep_dir: Path) -> int:
     logs = sorted(sweep_dir.glob(".submitit/*/*_log.out"))
     assert logs, f"no submitit logs under {sweep_dir}"
     return sum(len(_RESULT_WRITTEN.findall(p.read_text(errors="replace"))) for p in logs)
+
+
+# Three SFT steps of the tiny model without evaluation or checkpoints: the training part of the DDP jobs.
+TINY_SFT = [
+    "model=tiny_random",
+    "method=sft",
+    "method.max_steps=3",
+    "method.eval_strategy=no",
+    "method.save_strategy=no",
+    "method.per_device_train_batch_size=2",
+    "logger=none",
+]
+
+
+def run_one_job_sweep(args: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """``launch.py -m <args>`` from ``tmp_path``; asserts it succeeded and returns ``(sweep dir, its one job dir)``."""
+    result = launch(["-m", *args], cwd=tmp_path, timeout=300)
+    sweep = next(tmp_path.glob("multirun/*/*"), tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + job_logs(sweep)
+    (job,) = job_dirs(tmp_path)
+    return sweep, job
+
+
+def two_gloo_ranks_reduced(job: Path) -> list[dict[str, object]]:
+    """Assert ranks 0 and 1 ran with world size 2 over gloo, on different data, ending with equal weights.
+
+    Returns the two rank records (``ranks/rank-<r>.json``) for further checks.
+    """
+    records = [json.loads((job / "ranks" / f"rank-{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"], r["process_group_backend"]) for r in records] == [
+        (0, 2, "gloo"),
+        (1, 2, "gloo"),
+    ]
+    # Different data on each rank, yet the same weights after 3 steps: the gradients were all-reduced.
+    assert records[0]["first_batch_token_sum"] != records[1]["first_batch_token_sum"]
+    assert math.isclose(records[0]["param_sum_local"], records[1]["param_sum_local"], rel_tol=1e-9)
+    assert json.loads((job / "results.json").read_text(encoding="utf-8"))["world_size"] == 2
+    return records

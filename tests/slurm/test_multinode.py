@@ -9,8 +9,6 @@ cluster is switched back to the single-node layout afterwards.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,8 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import launch
-from tests.slurm.conftest import START, controller_up, job_dirs, job_logs, squeue_ids, wait_for
+from tests.slurm.conftest import (
+    START,
+    TINY_SFT,
+    controller_up,
+    job_logs,
+    run_one_job_sweep,
+    squeue_ids,
+    two_gloo_ranks_reduced,
+    wait_for,
+)
 
 
 def _start(nodes: str) -> subprocess.CompletedProcess[str]:
@@ -50,9 +56,8 @@ def two_nodes(slurm_cluster: str) -> Iterator[str]:
 @pytest.mark.slow
 def test_two_node_ddp_job_meets_at_the_head_node(two_nodes: str, tmp_path: Path) -> None:
     """Rank 0 on n1 and rank 1 on n2: one rendezvous, one resolved config, equal weights after the all-reduce."""
-    result = launch(
+    sweep, job = run_one_job_sweep(
         [
-            "-m",
             "hydra/launcher=slurm_multinode",
             f"hydra.launcher.partition={two_nodes}",
             "hydra.launcher.gpus_per_node=null",
@@ -63,29 +68,12 @@ def test_two_node_ddp_job_meets_at_the_head_node(two_nodes: str, tmp_path: Path)
             "distributed.nnodes=2",
             "distributed.nproc_per_node=1",
             "distributed.timeout_s=120",
-            "model=tiny_random",
-            "method=sft",
-            "method.max_steps=3",
-            "method.eval_strategy=no",
-            "method.save_strategy=no",
-            "method.per_device_train_batch_size=2",
-            "logger=none",
+            *TINY_SFT,
         ],
-        cwd=tmp_path,
-        timeout=300,
+        tmp_path,
     )
-    sweep = next(tmp_path.glob("multirun/*/*"), tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + job_logs(sweep)
-    (job,) = job_dirs(tmp_path)
-    records = [json.loads((job / "ranks" / f"rank-{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
-    assert [(r["rank"], r["world_size"], r["process_group_backend"]) for r in records] == [
-        (0, 2, "gloo"),
-        (1, 2, "gloo"),
-    ]
+    records = two_gloo_ranks_reduced(job)
     assert records[0]["config_sha256"] == records[1]["config_sha256"], "both nodes ran the head's resolved config"
-    assert records[0]["first_batch_token_sum"] != records[1]["first_batch_token_sum"]
-    assert math.isclose(records[0]["param_sum_local"], records[1]["param_sum_local"], rel_tol=1e-9)
-    assert json.loads((job / "results.json").read_text(encoding="utf-8"))["world_size"] == 2
     logs = job_logs(sweep) + (job / "launch.log").read_text(errors="replace")
     assert "starting 1 rank(s) on node 0 of 2" in logs
     assert "starting 1 rank(s) on node 1 of 2" in logs
