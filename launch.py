@@ -12,8 +12,9 @@ from __future__ import annotations
 from hydra import main
 from omegaconf import DictConfig
 
-from alignment.config import register_configs, to_run_config
+from alignment.config import to_run_config
 from alignment.launch.slurm import register_launcher_configs
+from alignment.registry import register_configs
 
 register_configs()
 register_launcher_configs()

@@ -1,9 +1,9 @@
-"""The typed run object and the registration of every config-group schema in Hydra's ConfigStore.
+"""The typed run object: the root schema, and the one conversion from a composed config to it.
 
-``conf/config.yaml`` composes the groups; each option file starts from the schema registered here
-(``defaults: [/schema/<group>@_here_: <schema>]``), so every default lives in one dataclass and a typo or a
-wrong type fails at compose time. ``OmegaConf.to_object`` turns the composed config into :class:`RunConfig`
-once, in :mod:`alignment.runner`.
+``conf/config.yaml`` composes the groups; each option file starts from a schema that
+:func:`alignment.registry.register_configs` stores in Hydra's ConfigStore (``defaults: [/schema/<group>@_here_:
+<schema>]``), so every default lives in one dataclass and a typo or a wrong type fails at compose time.
+:func:`to_run_config` turns the composed config into :class:`RunConfig` once, in ``launch.py``.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from alignment.data.config import DataConfig
 from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerConfig
-from alignment.methods import METHODS
-from alignment.methods.common import TaskConfig
 from alignment.models.config import ModelConfig
+from alignment.task import TaskConfig
 
 
 @dataclass
@@ -41,18 +39,6 @@ class RunConfig:
     plan: bool = False
     """Check everything a run needs (config, first data rows, model config, memory per device, the sbatch script)
     and exit without training (``python launch.py ... plan=true``)."""
-
-
-def register_configs() -> None:
-    """Store the root schema and one schema per group option in Hydra's ConfigStore (idempotent)."""
-    store = ConfigStore.instance()
-    store.store(name="run_schema", node=RunConfig)
-    store.store(group="schema/model", name="model", node=ModelConfig)
-    store.store(group="schema/data", name="data", node=DataConfig)
-    store.store(group="schema/distributed", name="distributed", node=DistributedConfig)
-    store.store(group="schema/logger", name="logger", node=LoggerConfig)
-    for name, method in METHODS.items():
-        store.store(group="schema/method", name=name, node=method.schema)
 
 
 class UnknownKeyError(KeyError):

@@ -11,13 +11,10 @@ raises. Activations are not estimated: they depend on sequence length, batch siz
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +26,6 @@ if TYPE_CHECKING:
     from alignment.config import RunConfig
     from alignment.context import RunContext
     from alignment.data.config import SourceConfig
-    from alignment.data.validate import RowValidator
-    from alignment.methods.common import TaskConfig
     from alignment.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -38,31 +33,7 @@ log = logging.getLogger(__name__)
 PLAN_ROWS = 16
 """Rows read and validated from the start of every data source (and eval file/split)."""
 GIB = 1024**3
-# Keyword arguments of a method module's ``row_problems`` -> the method-config field that supplies them.
-_VALIDATOR_ARGS = {"roles": "train_on_roles"}
-
-
 # --- data ------------------------------------------------------------------------------------------------------
-
-
-def row_validator(method: TaskConfig) -> tuple[RowValidator, tuple[str, ...]] | None:
-    """The method's row validator and its columns; None when the method defines none.
-
-    Found by convention: ``row_problems`` and ``COLUMNS``/``COLUMN`` in the schema's module or a base schema's
-    (``pairwise`` for DPO); keyword arguments come from the method config (:data:`_VALIDATOR_ARGS`).
-    """
-    for cls in type(method).__mro__:
-        module = sys.modules.get(cls.__module__)
-        problems = getattr(module, "row_problems", None)
-        if problems is None:
-            continue
-        columns = getattr(module, "COLUMNS", None) or (getattr(module, "COLUMN", None),)
-        keywords = [p for p in inspect.signature(problems).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        if any(p.name not in _VALIDATOR_ARGS and p.default is p.empty for p in keywords):
-            return None
-        kwargs = {p.name: getattr(method, _VALIDATOR_ARGS[p.name]) for p in keywords if p.name in _VALIDATOR_ARGS}
-        return partial(problems, **kwargs), tuple(c for c in columns if c)
-    return None
 
 
 def _renamed(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
@@ -115,17 +86,18 @@ def check_data(cfg: RunConfig) -> list[str]:
         DataError: a row is malformed or fails the method's validator (same message format as a real run).
     """
     from alignment.data.validate import DataError, check_rows
+    from alignment.registry import METHODS
 
-    found = row_validator(cfg.method)
+    row_checks = METHODS[cfg.method.name].row_checks
+    found = row_checks(cfg.method) if row_checks is not None else None
     lines = []
     for source in cfg.data.sources:
         rows = source_rows(source)
         if not rows:
             raise DataError(f"data source {source.path!r}: no rows")
         if found is not None:
-            validate, columns = found
-            check_rows(rows, validate)
-            lines.append(f"{source.path}: first {len(rows)} rows valid (columns {', '.join(columns)})")
+            check_rows(rows, found.validate)
+            lines.append(f"{source.path}: first {len(rows)} rows valid (columns {', '.join(found.columns)})")
         else:
             lines.append(f"{source.path}: first {len(rows)} rows read ({cfg.method.name} has no row validator)")
     return lines
@@ -323,7 +295,8 @@ def plan_lines(cfg: RunConfig) -> list[str]:
     Raises:
         DistributedSetupError, DataError, OSError, ValueError: whatever a real run would raise first.
     """
-    from alignment.launch.distributed import DistributedSetupError, cuda_available, runtime_problems, torchrun_command
+    from alignment.distributed import DistributedSetupError, cuda_available
+    from alignment.launch.ranks import runtime_problems, torchrun_command
     from alignment.models.load import load_tokenizer
 
     launcher = _launcher_config()

@@ -24,7 +24,15 @@ import time
 
 import numpy as np
 
-from alignment.data.dedup import Algorithm, DedupParams, DedupResult, Ints, deduplicate, default_num_cells, evaluate
+from alignment.data.dedup_index import (
+    Algorithm,
+    DedupParams,
+    DedupResult,
+    Ints,
+    deduplicate,
+    default_num_cells,
+    evaluate,
+)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 The original (seed spec §4.3/§4.6) trains one group per batch: the G sequences ``prompt ‖ completion_i`` padded to
 the longest, logits kept for the completion span. Ours packs whole groups padding-free into token-budget
 micro-batches, and with ``share_prompt`` computes each prompt once for its G completions. Every variant runs the
-same loop (AdamW, one optimizer step per micro-batch, :func:`~alignment.methods.gpo.gpo_loss` with
+same loop (AdamW, one optimizer step per micro-batch, :func:`~alignment.methods.gpo.gpo.gpo_loss` with
 ``prob_weighted`` + ``sequence_mean``, the original's loss) over one epoch of the same groups, each in its own
 process so that peak memory is its own.
 
@@ -98,19 +98,19 @@ def run_one(args: argparse.Namespace) -> None:
     import torch
     from datasets import load_dataset
 
-    from alignment.methods.gpo import (
+    from alignment.methods.gpo.gpo import (
         AdvantageScale,
         GpoLossType,
         GroupCollator,
-        GroupWindow,
+        GroupCounts,
         TokenAggregation,
-        batch_window,
+        batch_counts,
         gpo_loss,
         packed_lengths,
         token_logps,
         tokenize_groups,
     )
-    from alignment.methods.pairwise import TokenBudgetBatchSampler
+    from alignment.methods.pairwise.core import TokenBudgetBatchSampler
     from alignment.models.config import ModelConfig
     from alignment.models.load import load_model, load_tokenizer
 
@@ -143,7 +143,7 @@ def run_one(args: argparse.Namespace) -> None:
             )
             sizes = torch.full((len(row["completion_ids"]),), float(len(row["completion_ids"])), device=device)
             advantages = torch.tensor(row["advantages"], device=device)
-            out = gpo_loss(logps, None, advantages, sequence, sizes, GroupWindow(1.0, float(logps.numel())), **settings)
+            out = gpo_loss(logps, None, advantages, sequence, sizes, GroupCounts(1.0, float(logps.numel())), **settings)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -157,7 +157,7 @@ def run_one(args: argparse.Namespace) -> None:
             processed += batch["input_ids"].numel()
             logps, sequence = token_logps(model, batch)
             out = gpo_loss(
-                logps, None, batch["advantages"], sequence, batch["group_sizes"], batch_window(batch), **settings
+                logps, None, batch["advantages"], sequence, batch["group_sizes"], batch_counts(batch), **settings
             )
             out.loss.backward()
             optimizer.step()

@@ -107,10 +107,10 @@ def _model_path(name: str) -> str:
 def _run_ours(args: argparse.Namespace, data: Path, workdir: Path, method: str, extra: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
-    import alignment.methods.pairwise as pairwise
-    from alignment.config import register_configs, to_run_config
+    import alignment.methods.pairwise.core as pairwise
+    from alignment.config import to_run_config
     from alignment.context import RunContext
-    from alignment.methods import METHODS
+    from alignment.registry import METHODS, register_configs
 
     register_configs()
     overrides = [

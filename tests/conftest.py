@@ -64,7 +64,7 @@ def compose() -> Iterator[Any]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from alignment.config import register_configs
+    from alignment.registry import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):

@@ -18,13 +18,13 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 
-from alignment.config import RunConfig, register_configs, to_run_config
+from alignment.config import RunConfig, to_run_config
 from alignment.data.config import DataConfig, SourceConfig
 from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerBackend, LoggerConfig
-from alignment.methods import METHODS
-from alignment.methods.common import MethodConfig
 from alignment.models.config import ModelConfig
+from alignment.registry import METHODS, register_configs
+from alignment.task import MethodConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -186,17 +186,20 @@ def test_method_x_distributed(compose: Any, method: str, distributed: str) -> No
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_registered_method_has_its_three_files(name: str) -> None:
-    """Rule 8: the same stem in ``alignment/<kind>/``, ``conf/method/`` and ``tests/<kind>/``.
+    """Rule 8: the same stem in ``alignment/<kind>/[<family>/]``, ``conf/method/`` and ``tests/<kind>/[<family>/]``.
 
-    ``<kind>`` is ``methods`` for training methods and ``tools`` for data tools (generation, scoring, dedup).
+    ``<kind>`` is ``methods`` for training methods and ``tools`` for data tools (generation, scoring, dedup); a
+    method family that shares a trainer (``pairwise``, ``gpo``, ``seqcls``) is a folder, mirrored in tests/.
     """
     module = METHODS[name].schema.__module__
-    kind = module.split(".")[1]
+    parts = module.split(".")
+    kind, folder = parts[1], parts[2:-1]
     assert kind in ("methods", "tools"), module
-    assert module == f"alignment.{kind}.{name}"
+    assert parts[-1] == name, module
+    assert len(folder) <= 1, module  # at most one family folder
     assert issubclass(METHODS[name].schema, MethodConfig) == (kind == "methods"), module
     assert (CONF / "method" / f"{name}.yaml").is_file()
-    assert (ROOT / "tests" / kind / f"test_{name}.py").is_file()
+    assert (ROOT / "tests" / kind / Path(*folder) / f"test_{name}.py").is_file()
 
 
 def test_method_options_are_registered(compose: Any) -> None:

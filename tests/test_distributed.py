@@ -18,17 +18,17 @@ import pytest
 import yaml
 
 from alignment.config import to_run_config
-from alignment.distributed import DistributedBackend, DistributedConfig, OffloadDevice
-from alignment.launch.distributed import (
-    _BACKEND_KWARGS,
-    RANK_CONFIG,
+from alignment.distributed import (
+    BACKEND_KWARGS,
+    DistributedBackend,
+    DistributedConfig,
     DistributedSetupError,
+    OffloadDevice,
     deepspeed_config,
-    load_resolved_config,
-    runtime_problems,
     trainer_kwargs,
-    write_resolved_config,
 )
+from alignment.launch.ranks import RANK_CONFIG, runtime_problems, write_resolved_config
+from alignment.registry import load_resolved_config
 from tests.conftest import ROOT, launch
 
 OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "distributed").glob("*.yaml"))
@@ -61,7 +61,7 @@ def test_every_option_is_known() -> None:
 
 
 def test_backend_kwargs_cover_every_backend() -> None:
-    assert set(_BACKEND_KWARGS) == set(DistributedBackend)
+    assert set(BACKEND_KWARGS) == set(DistributedBackend)
 
 
 @pytest.mark.parametrize("option", DEEPSPEED_OPTIONS)
@@ -161,7 +161,7 @@ def test_sharded_parameters_allow_sample_generation(compose: Any) -> None:
 def test_rank_share_gives_every_rank_the_same_number_of_prompts(
     count: int, world: int, shares: list[list[int]]
 ) -> None:
-    from alignment.callbacks import rank_share
+    from alignment.training.callbacks import rank_share
 
     assert [rank_share(count, r, world) for r in range(world)] == shares
     real = [i for r in range(world) for i in rank_share(count, r, world)[: len(range(r, count, world))]]
@@ -239,7 +239,7 @@ def _ctx(tmp_path: Path) -> Any:
 def test_run_ranks_on_the_head_node_of_a_two_node_slurm_job(
     compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[dict[str, Any]]
 ) -> None:
-    from alignment.launch.distributed import run_ranks
+    from alignment.launch.ranks import run_ranks
     from alignment.launch.slurm import master_port
 
     _fake_slurm(monkeypatch, SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="2", SLURM_NODEID="0")
@@ -257,7 +257,7 @@ def test_run_ranks_on_a_worker_node_uses_the_head_config(
     compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[dict[str, Any]]
 ) -> None:
     """Node 1 waits for the head's resolved file, joins at node rank 1, leaves the file and reports no metrics."""
-    from alignment.launch.distributed import run_ranks
+    from alignment.launch.ranks import run_ranks
 
     _fake_slurm(
         monkeypatch,
@@ -282,7 +282,7 @@ def test_run_ranks_on_a_worker_node_uses_the_head_config(
 def test_single_node_slurm_job_keeps_a_free_local_port(
     compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[dict[str, Any]]
 ) -> None:
-    from alignment.launch.distributed import run_ranks
+    from alignment.launch.ranks import run_ranks
 
     _fake_slurm(monkeypatch, SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="vm")
     run_ranks(_ddp_cfg(compose, "distributed.nproc_per_node=2"), _ctx(tmp_path), [])
@@ -309,7 +309,7 @@ def test_multi_node_layout_mismatches_fail_before_spawning(
     nnodes: int,
     message: str,
 ) -> None:
-    from alignment.launch.distributed import run_ranks
+    from alignment.launch.ranks import run_ranks
 
     if env:
         _fake_slurm(monkeypatch, **env)
@@ -328,7 +328,7 @@ def test_spawn_ranks_makes_node_zero_host_the_rendezvous_store(
     """Node 0 hosts the store: torch's hostname guess is wrong where nodes share a hostname (namespaces)."""
     import torch.distributed.launcher.api as launcher_api
 
-    from alignment.launch.distributed import spawn_ranks
+    from alignment.launch.ranks import spawn_ranks
 
     configs: list[Any] = []
     monkeypatch.setattr(launcher_api, "elastic_launch", lambda config, entrypoint: lambda *a: configs.append(config))
@@ -355,7 +355,7 @@ def test_spawn_ranks_makes_node_zero_host_the_rendezvous_store(
 
 def test_slurm_tasks_layout_exports_this_task_rank(compose: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """hydra/launcher=slurm_tasks: task 3 of 4 on 2 nodes becomes rank 3 (local 1) and spawns nothing."""
-    from alignment.launch.distributed import global_rank, needs_ranks
+    from alignment.launch.ranks import global_rank, needs_ranks
     from alignment.launch.slurm import master_port, prepare_task_ranks
 
     _fake_slurm(monkeypatch, SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="4", SLURM_NODEID="1", SLURM_PROCID="3")
@@ -408,13 +408,13 @@ def test_one_task_per_node_and_local_runs_export_nothing(compose: Any, monkeypat
 
 
 def _rank_main_with(compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception) -> list[str]:
-    """Run ``alignment.launch.rank.main`` with ``execute`` replaced by one that raises ``error``."""
+    """Run ``alignment.rank.main`` with ``execute`` replaced by one that raises ``error``."""
+    import alignment.rank as rank
     import alignment.runner
-    from alignment.launch import rank
 
     finished: list[str] = []
     monkeypatch.setattr(alignment.runner, "execute", lambda cfg, ctx, overrides: (_ for _ in ()).throw(error))
-    monkeypatch.setattr("alignment.launch.distributed.finish_rank", lambda: finished.append("finished"))
+    monkeypatch.setattr("alignment.launch.ranks.finish_rank", lambda: finished.append("finished"))
     config = write_resolved_config(_ddp_cfg(compose), tmp_path / RANK_CONFIG)
     rank.main([str(config), str(tmp_path)])
     return finished
@@ -424,7 +424,7 @@ def test_a_rank_stopped_for_preemption_exits_cleanly(
     compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Exit code 0 (main returns), so torch elastic with max_restarts > 0 does not restart the saved ranks."""
-    from alignment.launch.preemption import PreemptedError
+    from alignment.training.checkpoint import PreemptedError
 
     assert _rank_main_with(compose, tmp_path, monkeypatch, PreemptedError("saved checkpoint-2")) == ["finished"]
 
@@ -441,10 +441,10 @@ def test_rank_exit_code_is_zero_after_preemption(tmp_path: Path, compose: Any) -
 
     config = write_resolved_config(_ddp_cfg(compose), tmp_path / RANK_CONFIG)
     code = (
-        "import sys, alignment.runner as r, alignment.launch.preemption as p\n"
+        "import sys, alignment.runner as r, alignment.training.checkpoint as p\n"
         "def stop(cfg, ctx, overrides): raise p.PreemptedError('preempted: saved checkpoint-1')\n"
         "r.execute = stop\n"
-        "from alignment.launch.rank import main\n"
+        "from alignment.rank import main\n"
         f"main([{str(config)!r}, {str(tmp_path)!r}])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -525,7 +525,7 @@ def _greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.inference.generate import generate
+    from alignment.inference.hf_generate import generate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

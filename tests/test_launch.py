@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.methods import METHODS
 from alignment.models.config import Dtype
+from alignment.registry import METHODS
 from tests.conftest import ROOT, launch
 
 # A config check loads no model and no data: well under a minute even on a busy 2-core machine.

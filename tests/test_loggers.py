@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from alignment.callbacks import MetricsJsonlCallback
 from alignment.config import to_run_config
 from alignment.context import RunContext
 from alignment.loggers import (
@@ -31,6 +30,7 @@ from alignment.loggers import (
     open_trackers,
     report_to,
 )
+from alignment.training.callbacks import MetricsJsonlCallback
 
 GROUP = "loggers-test"
 ROWS = [

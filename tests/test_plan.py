@@ -6,6 +6,7 @@ error lines.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from alignment.config import to_run_config
-from alignment.plan import ModelShape, estimate_memory, row_validator, sbatch_preview
+from alignment.plan import ModelShape, check_data, estimate_memory, sbatch_preview
 from tests.conftest import launch
 
 QUICK_S = 180
@@ -158,15 +159,73 @@ def test_lora_counts_only_adapters_as_trainable(compose: Any) -> None:
     assert (memory.weights, memory.gradients, memory.optimizer) == (4000, 40, 80)
 
 
-def test_row_validator_is_found_for_sft_and_pairwise_methods(compose: Any) -> None:
-    sft = row_validator(to_run_config(compose(["method=sft"])).method)
-    assert sft is not None
-    validate, columns = sft
-    assert columns == ("messages",)
-    assert validate({"messages": [{"role": "user", "content": "x"}]})  # no trained (assistant) turn
-    dpo = row_validator(to_run_config(compose(["method=dpo"])).method)
-    assert dpo is not None
-    assert "chosen" in dpo[1]
+# Every training method with the demo data it trains on (the tools declare no row checks: None in the registry).
+METHOD_DATA = {
+    "sft": "demo",
+    "dpo": "demo",
+    "orpo": "demo",
+    "cpo": "demo",
+    "simpo": "demo",
+    "smpo": "demo",
+    "reward": "demo_reward",
+    "classification": "demo_classification",
+    "gpo": "demo_gpo",
+}
+
+
+def test_every_training_method_declares_its_row_checks() -> None:
+    from alignment.registry import METHODS
+    from alignment.task import MethodConfig
+
+    training = {name for name, m in METHODS.items() if issubclass(m.schema, MethodConfig)}
+    assert training == set(METHOD_DATA)
+    assert all(METHODS[name].row_checks is not None for name in training)
+    assert all(m.row_checks is None for name, m in METHODS.items() if name not in training)
+
+
+def _one_source(cfg: Any, rows: list[dict[str, Any]], tmp_path: Path) -> Any:
+    """``cfg`` reading ``rows`` from one JSONL file (no eval file), with the demo source's column renames."""
+    import dataclasses
+
+    from alignment.data.config import SourceConfig
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    source = SourceConfig(path=str(path), columns=dict(cfg.data.sources[0].columns))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=[source], eval_fraction=0.0))
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_DATA))
+def test_plan_and_a_real_run_agree_on_good_and_bad_rows(
+    compose: Any, method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan's data check and the run's loader accept the same rows and reject a bad one with the same error."""
+    from alignment.context import RunContext
+    from alignment.data.load import read_jsonl, resolve_path
+    from alignment.data.validate import DataError
+    from alignment.models import load
+    from alignment.registry import METHODS
+
+    cfg = to_run_config(compose([f"method={method}", f"data={METHOD_DATA[method]}", "model=tiny_random"]))
+    good = [row for _, row in itertools.islice(read_jsonl(Path(resolve_path(cfg.data.sources[0].path))), 8)]
+    assert check_data(_one_source(cfg, good, tmp_path))  # the plan passes the method's own demo rows
+
+    bad = _one_source(cfg, [*good, {"unrelated": 1}], tmp_path)
+    with pytest.raises(DataError) as planned:
+        check_data(bad)
+    loaded: list[str] = []
+    monkeypatch.setattr(
+        load, "load_model", lambda *a, **k: loaded.append("model") or (_ for _ in ()).throw(AssertionError)
+    )
+    with pytest.raises(DataError) as real:
+        METHODS[method].run(bad, RunContext(tmp_path / "run", "run", None))
+    assert f"rows.jsonl:{len(good) + 1}" in str(planned.value)
+    assert _problem_lines(str(planned.value)) == _problem_lines(str(real.value))
+    assert loaded == []  # rejected before any weights load
+
+
+def _problem_lines(message: str) -> list[str]:
+    return [line.strip() for line in message.splitlines() if "rows.jsonl:" in line]
 
 
 def test_sbatch_preview_renders_the_launcher_params(tmp_path: Path) -> None:

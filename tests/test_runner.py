@@ -18,15 +18,8 @@ from omegaconf import open_dict
 
 from alignment.config import to_run_config
 from alignment.context import RunContext
-from alignment.runner import (
-    REDACTED,
-    context_from_hydra,
-    environment,
-    redact,
-    redact_dirname,
-    redact_override,
-    write_run_files,
-)
+from alignment.redact import REDACTED, redact, redact_dirname, redact_override
+from alignment.runner import context_from_hydra, environment, write_run_files
 
 # Made-up credentials in the real formats (prefix + length).
 OPENAI_KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0" * 2

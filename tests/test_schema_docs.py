@@ -20,7 +20,7 @@ import pytest
 
 from alignment.config import RunConfig
 from alignment.context import RunContext
-from alignment.methods import METHODS
+from alignment.registry import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "alignment"

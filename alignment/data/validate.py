@@ -8,6 +8,7 @@ it) and the reason. :func:`check_rows` runs it over a source and raises one :cla
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 ORIGIN = "_origin"
@@ -71,3 +72,17 @@ def _kind(value: Any) -> str:
         return "null"
     text = repr(value)
     return f"{type(value).__name__} {text[:40]}{'…' if len(text) > 40 else ''}"
+
+
+@dataclass(frozen=True)
+class RowChecks:
+    """What a method requires of every row: the validator its run applies, and the columns it keeps on load.
+
+    Each method declares one (``row_checks`` in its module, listed in the registry); the run and ``plan=true``
+    both use it, so a plan passes exactly the data a real run accepts.
+    """
+
+    validate: RowValidator
+    """``row -> problems`` (empty when the row is valid)."""
+    columns: tuple[str, ...]
+    """Columns the method reads; the others are dropped on load."""

@@ -346,7 +346,7 @@ class LineAppender:
 
 
 def _scrub(text: str, secrets: Sequence[str]) -> str:
-    from alignment.runner import redact
+    from alignment.redact import redact
 
     for secret in secrets:
         if secret:

@@ -1,5 +1,5 @@
 """Starting runs beyond one process.
 
-Local ranks: :mod:`~alignment.launch.distributed` (entry point :mod:`~alignment.launch.rank`); SLURM jobs:
+Local ranks: :mod:`~alignment.launch.ranks` (entry point :mod:`~alignment.rank`); SLURM jobs:
 :mod:`~alignment.launch.slurm`.
 """

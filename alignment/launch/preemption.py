@@ -16,44 +16,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
 from alignment.context import RunContext
-from alignment.methods.common import MethodConfig, TaskConfig
+from alignment.task import MethodConfig, TaskConfig
+from alignment.training.checkpoint import (
+    PreemptedError,
+    PreemptionState,
+    latest_checkpoint,
+    preemption_requested,
+    request_preemption,
+)
 
 log = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SignalHandler = Callable[[int, FrameType | None], Any]
-
-
-class PreemptedError(RuntimeError):
-    """Training stopped on the preemption signal after saving ``checkpoint-<step>``."""
-
-
-class _State:
-    """Process-wide flags (a signal handler cannot receive arguments)."""
-
-    requested_signal: int | None = None
-    training: bool = False
-
-
-def preemption_requested() -> bool:
-    """Whether the preemption signal arrived while this process was training."""
-    return _State.requested_signal is not None
-
-
-def request_preemption(signum: int = signal.SIGUSR2) -> None:
-    """Raise the flag that makes the training loop save and stop at the end of the current step."""
-    _State.requested_signal = signum
 
 
 def _submitit_signal() -> int:
@@ -84,13 +65,13 @@ def preemption_guard() -> Iterator[None]:
 
     def handler(received: int, frame: FrameType | None) -> None:
         # A rank under torch elastic has no submitit handler: it always saves at its next step end.
-        if _State.training or not callable(previous):
+        if PreemptionState.training or not callable(previous):
             log.warning("signal %d: saving a checkpoint at the end of this step, then requeueing", received)
             request_preemption(received)
         else:
             previous(received, frame)
 
-    _State.requested_signal = None
+    PreemptionState.requested_signal = None
     signal.signal(signum, handler)
     try:
         yield
@@ -141,7 +122,7 @@ def requeue_after_ranks() -> Iterator[None]:
         log.warning("signal %d: waiting for the ranks to save and stop, then requeueing", received)
         request_preemption(received)
 
-    _State.requested_signal = None
+    PreemptionState.requested_signal = None
     signal.signal(signum, handler)
     try:
         yield
@@ -152,58 +133,6 @@ def requeue_after_ranks() -> Iterator[None]:
         raise
     finally:
         _restore(before)
-
-
-def _any_rank(flag: bool, args: TrainingArguments) -> bool:
-    """The flag OR-ed over ranks, so every DDP rank stops at the same step (a one-element all-reduce)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=args.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
-class SaveOnPreemptionCallback(TrainerCallback):
-    """At the end of the step in which the preemption flag went up, save a checkpoint and stop training."""
-
-    def __init__(self) -> None:
-        self.saving = False
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """From now on the signal is deferred to a step boundary."""
-        _State.training = True
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """After training the signal requeues at once again."""
-        _State.training = False
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """Turn the flag into a save and a stop (the Trainer saves right after this event)."""
-        if _any_rank(preemption_requested(), args):
-            self.saving = True
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """Leave training once the checkpoint is complete, skipping the final evaluation and model save."""
-        if self.saving:
-            _State.training = False
-            raise PreemptedError(f"preempted: saved checkpoint-{state.global_step} in {args.output_dir}")
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step that holds a complete ``trainer_state.json``."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = [
-        (int(m.group(1)), p)
-        for p in checkpoint_dir.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()
-    ]
-    return max(found)[1] if found else None
 
 
 def with_resume(method: TaskConfig, ctx: RunContext) -> TaskConfig:

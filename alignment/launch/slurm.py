@@ -11,7 +11,7 @@ Two multi-process layouts (see README "SLURM"):
 * **one task per node** (default, ``hydra/launcher=slurm_multinode``): each node's task starts
   ``distributed.nproc_per_node`` ranks with torch elastic; :func:`rendezvous_from_env` gives the c10d rendezvous
   (head = first host of the node list, node rank = ``SLURM_NODEID``, rendezvous id = the job id, this node's
-  address = ``SLURMD_NODENAME``), used by :func:`alignment.launch.distributed.run_ranks`;
+  address = ``SLURMD_NODENAME``), used by :func:`alignment.launch.ranks.run_ranks`;
 * **one task per GPU** (``hydra/launcher=slurm_tasks``): every task is one rank; the runner calls
   :func:`prepare_task_ranks`, which checks the task count against ``distributed`` and has
   :func:`export_task_ranks` export ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``… through submitit's
@@ -34,7 +34,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _PluginSlurmLauncher
 
-from alignment.distributed import DistributedBackend, DistributedConfig
+from alignment.distributed import DistributedBackend, DistributedConfig, DistributedSetupError
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,6 @@ def prepare_task_ranks(dist: DistributedConfig) -> dict[str, str]:
     Raises:
         DistributedSetupError: the job's task count disagrees with ``distributed``, or no backend is set.
     """
-    from alignment.launch.distributed import DistributedSetupError
-
     if "RANK" in os.environ or not task_layout():
         return {}
     ntasks = int(os.environ["SLURM_NTASKS"])

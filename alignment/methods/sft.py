@@ -22,8 +22,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
-from alignment.data.validate import ORIGIN, ROLES, message_list_problems, require_columns
-from alignment.methods.common import MethodConfig, train_and_save, training_kwargs
+from alignment.data.validate import ORIGIN, ROLES, RowChecks, message_list_problems, require_columns
+from alignment.task import MethodConfig, TaskConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -127,37 +127,44 @@ def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftC
     return prompts
 
 
+def row_checks(method: TaskConfig) -> RowChecks:
+    """The rows SFT trains on: a conversation with a non-empty turn in one of ``train_on_roles``."""
+    assert isinstance(method, SftConfig)
+    return RowChecks(partial(row_problems, roles=list(method.train_on_roles)), (COLUMN,))
+
+
 def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     """Validate and tokenise the data, load the model, train, save the model/adapter; return final metrics."""
     # Training-only imports stay here so composing a config (``--cfg job``, ``--help``) imports no ML stack.
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from alignment.callbacks import MetricsJsonlCallback, SampleGenerationCallback
     from alignment.data.mix import build_splits
-    from alignment.loggers import report_to
     from alignment.models.load import load_model, load_tokenizer
+    from alignment.training.arguments import training_args
+    from alignment.training.callbacks import MetricsJsonlCallback, SampleGenerationCallback
+    from alignment.training.checkpoint import train_and_save
 
     method = cfg.method
     assert isinstance(method, SftConfig)
     tokenizer = load_tokenizer(cfg.model)
-    splits = build_splits(cfg.data, partial(row_problems, roles=list(method.train_on_roles)), (COLUMN,))
+    checks = row_checks(method)
+    splits = build_splits(cfg.data, checks.validate, checks.columns)
     train = _tokenize(splits.train, tokenizer, method)
     evaluation = _tokenize(splits.eval, tokenizer, method) if splits.eval is not None else None
     prompts = eval_prompts(splits.eval, tokenizer, method) if splits.eval is not None else []
 
     model = load_model(cfg.model, tokenizer)
-    kwargs = training_kwargs(method, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name)
-    if evaluation is None:
-        kwargs.update(eval_strategy="no", eval_on_start=False)
-    args = TrlSFTConfig(
-        **kwargs,
+    args = training_args(
+        cfg,
+        ctx,
+        evaluation=evaluation is not None,
+        args_class=TrlSFTConfig,
         # Rows are already cut to max_length by _tokenize; TRL needs it only as the pack size, and refuses it
         # with padding_free without packing ("max_length is not enforced"), so it is passed only when packing.
         max_length=method.max_length if method.packing else None,
         packing=method.packing,
         padding_free=method.padding_free,
-        report_to=report_to(cfg.logger),
     )
     samples = SampleGenerationCallback(
         prompts,

@@ -72,6 +72,39 @@ class QuantizationConfig:
     """Dtype of the matmuls on de-quantised weights."""
 
 
+class ReferenceKind(StrEnum):
+    """Where a frozen model's outputs (a reference policy, a teacher) come from."""
+
+    auto = "auto"
+    """``adapters`` when the policy trains LoRA adapters, ``copy`` otherwise."""
+    copy = "copy"
+    """A frozen second copy of the starting model."""
+    adapters = "adapters"
+    """The policy itself with its LoRA adapters disabled (no second copy; needs ``model.lora.enabled``)."""
+    precomputed = "precomputed"
+    """Computed once before training (by a frozen copy), cached on disk, and reused by later runs and sweep jobs."""
+
+
+class TruncationSide(StrEnum):
+    """Which end of an over-long sequence is cut."""
+
+    left = "left"
+    """Cut the start, keep the end (the last turns, the answer being judged)."""
+    right = "right"
+    """Cut the end, keep the start."""
+
+
+class ProblemType(StrEnum):
+    """HF ``config.problem_type`` of a classifier (what its loss and metrics assume)."""
+
+    regression = "regression"
+    single_label_classification = "single_label_classification"
+    multi_label_classification = "multi_label_classification"
+
+
+# --- tokenising ---------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class ModelConfig:
     """A causal LM (or classifier backbone) with its tokenizer."""

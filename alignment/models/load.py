@@ -59,7 +59,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization_kwargs(cfg: QuantizationConfig) -> dict[str, Any]:
+def quantization_kwargs(cfg: QuantizationConfig) -> dict[str, Any]:
+    """``from_pretrained`` keywords of a 4-bit or 8-bit (bitsandbytes) load; empty without quantization."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return {}
     from transformers import BitsAndBytesConfig
@@ -161,7 +162,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         dtype=resolve_dtype(cfg.dtype),
         attn_implementation=cfg.attn_implementation.value,
         trust_remote_code=cfg.trust_remote_code,
-        **_quantization_kwargs(cfg.quantization),
+        **quantization_kwargs(cfg.quantization),
     )
     _sync_special_tokens(model, tokenizer, cfg)
     if cfg.lora.enabled:

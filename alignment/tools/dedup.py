@@ -5,7 +5,7 @@ sources are not deduplicated). Embeddings: ``method.embedding_model`` over ``met
 message list, contents joined by newlines), or precomputed, from ``method.embeddings_path`` (a ``.npy`` of shape
 (rows, dim), row i = data row i) or a ``method.embedding_column`` of float lists; rows are L2-normalised here.
 
-Semantics and algorithms: :mod:`alignment.data.dedup` (greedy keep-first in input order: a row is removed iff an
+Semantics and algorithms: :mod:`alignment.data.dedup_index` (greedy keep-first in input order: a row is removed iff an
 earlier kept row has cosine >= ``threshold``; it maps to the first such row). The map step runs in this process
 (``map_backend=threads``) or as submitit jobs: ``local`` processes, ``slurm`` (one job array), ``debug`` (in
 process, for tests); the reduce step merges the pair lists here.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alignment.data.dedup import (
+from alignment.data.dedup_index import (
     Algorithm,
     DedupParams,
     DedupResult,
@@ -45,7 +45,7 @@ from alignment.data.dedup import (
 )
 from alignment.data.embed import MINILM, PREFIX, embed_texts, text_of, text_problems
 from alignment.data.validate import ORIGIN, DataError, require_columns
-from alignment.methods.common import TaskConfig
+from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignment.data.basket import BasketFields
 from alignment.inference.openai_batch import ClientConfig, RunSummary, SamplingConfig
-from alignment.methods.common import TaskConfig
+from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig

@@ -3,7 +3,7 @@
 For each prompt-basket row (§12) the generator (the ``model`` group's name, or ``served_model_name``) answers
 ``sampling.num_completions`` times (temperature 0.8 by default); with a follow-up prompt, the first turn is
 answered once and the follow-up turn N times. The reward model scores each full conversation (one loading and
-scoring path, :mod:`alignment.models.reward`; a row's ``correct_answer`` is given to it as a system hint, as in
+scoring path, :mod:`alignment.models.seqcls`; a row's ``correct_answer`` is given to it as a system hint, as in
 :mod:`alignment.tools.rm_scoring`). The best answer becomes ``chosen``, the worst ``rejected``.
 
 Generation backends (``method.backend``): ``server``, an OpenAI-compatible server (``vllm serve``, the project's
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignment.data.basket import BasketFields
 from alignment.inference.openai_batch import ClientConfig, SamplingConfig
-from alignment.methods.common import TaskConfig
+from alignment.task import TaskConfig
 from alignment.tools.rm_scoring import RewardScorer, RewardScorerConfig, check_reward_model_path, read_records
 
 if TYPE_CHECKING:

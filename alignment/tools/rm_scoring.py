@@ -11,7 +11,7 @@ Two sources of answers (``method.answers``):
   after its file). Scores go to ``<run dir>/scored.jsonl``.
 
 The reward of an answer is the reward model's score of the whole conversation (one loading and scoring path,
-:mod:`alignment.models.reward`: chat template, token-budget batches, fp32 on CPU and bf16 on a GPU by default,
+:mod:`alignment.models.seqcls`: chat template, token-budget batches, fp32 on CPU and bf16 on a GPU by default,
 truncated to ``reward_model.max_length`` from the left). A row with a ``correct_answer`` is scored with a system
 hint ``The correct final answer must be: <answer>`` prepended, as the original's "controllable" RM.
 
@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any
 from alignment.data.basket import BasketFields
 from alignment.inference.openai_batch import ClientConfig, SamplingConfig
 from alignment.inference.stats import Metric
-from alignment.methods.common import TaskConfig
-from alignment.models.config import Dtype
-from alignment.models.reward import TruncationSide
+from alignment.models.config import Dtype, TruncationSide
+from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -149,7 +148,7 @@ class RewardScorer:
     """A loaded reward model with its scoring settings; scores conversations and counts answer tokens."""
 
     def __init__(self, cfg: RewardScorerConfig) -> None:
-        from alignment.models.reward import load_reward_model
+        from alignment.models.seqcls import load_reward_model
 
         self.cfg = cfg
         self.name = check_reward_model_path(cfg)
@@ -161,7 +160,7 @@ class RewardScorer:
 
     def score(self, conversations: Sequence[Sequence[Message]], correct_answers: Sequence[Any]) -> list[float]:
         """One reward per conversation (in order), each with its correct-answer hint if it has one."""
-        from alignment.models.reward import score_conversations
+        from alignment.models.seqcls import score_conversations
 
         hinted = [
             with_hint(c, a, self.cfg.correct_answer_hint) for c, a in zip(conversations, correct_answers, strict=True)

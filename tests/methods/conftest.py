@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import alignment.models.load as model_loading
-from alignment.models import reward as reward_models
+from alignment.models import seqcls as reward_models
 from tests.methods.helpers import Loaded, trainable
 
 

@@ -16,7 +16,7 @@ import torch
 
 from alignment.config import to_run_config
 from alignment.context import RunContext
-from alignment.methods.pairwise import PairLogps
+from alignment.methods.pairwise.core import PairLogps
 
 # One optimizer step of plain SGD on the given rows, nothing else (add ``method=…`` and the data).
 ONE_SGD_STEP = [

@@ -20,9 +20,11 @@ from datasets import Dataset
 
 from alignment.data.chat_template import render, tokenize_conversation
 from alignment.data.load import ORIGIN
-from alignment.methods import common, sft
-from alignment.methods.common import IntervalStrategy, MethodConfig, SchedulerType, training_kwargs
+from alignment.distributed import DistributedConfig
+from alignment.methods import sft
 from alignment.methods.sft import SftConfig, eval_prompts, row_problems
+from alignment.task import IntervalStrategy, MethodConfig, SchedulerType
+from alignment.training.arguments import auto_bf16, training_kwargs
 from tests.methods.helpers import ONE_SGD_STEP, Loaded, read_logs, run_method
 
 # Short, fast runs: every evaluation generates 2 short samples from a 4-row eval set.
@@ -216,7 +218,7 @@ def test_training_kwargs_maps_every_shared_field_with_hf_names() -> None:
     from trl import SFTConfig as TrlSFTConfig
 
     cfg = _non_default_method_config()
-    kwargs = training_kwargs(cfg, output_dir="/tmp/out", seed=5, run_name="r")
+    kwargs = training_kwargs(cfg, DistributedConfig(), output_dir="/tmp/out", seed=5, run_name="r")
     # Not HF arguments: the registry key, and what the runner does with checkpoints after a finished run.
     shared = [f.name for f in fields(MethodConfig) if f.name not in ("name", "keep_checkpoints")]
     for name in shared:
@@ -243,7 +245,11 @@ def test_schedules_that_need_kwargs_get_them(schedule: SchedulerType, extra: dic
     from transformers import get_scheduler
 
     kwargs = training_kwargs(
-        SftConfig(lr_scheduler_type=schedule, lr_scheduler_kwargs=extra), output_dir="o", seed=0, run_name="r"
+        SftConfig(lr_scheduler_type=schedule, lr_scheduler_kwargs=extra),
+        DistributedConfig(),
+        output_dir="o",
+        seed=0,
+        run_name="r",
     )
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = get_scheduler(
@@ -261,20 +267,25 @@ def test_schedules_that_need_kwargs_get_them(schedule: SchedulerType, extra: dic
 
 def test_training_kwargs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    kwargs = training_kwargs(SftConfig(bf16=None), output_dir="o", seed=0, run_name="r")
+    kwargs = training_kwargs(SftConfig(bf16=None), DistributedConfig(), output_dir="o", seed=0, run_name="r")
     assert kwargs["bf16"] is False
     assert kwargs["use_cpu"] is True
-    assert training_kwargs(SftConfig(bf16=True), output_dir="o", seed=0, run_name="r")["bf16"] is True
+    assert (
+        training_kwargs(SftConfig(bf16=True), DistributedConfig(), output_dir="o", seed=0, run_name="r")["bf16"] is True
+    )
 
 
 def test_training_kwargs_auto_bf16_on_gpu_yields_to_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    auto = training_kwargs(SftConfig(), output_dir="o", seed=0, run_name="r")
+    auto = training_kwargs(SftConfig(), DistributedConfig(), output_dir="o", seed=0, run_name="r")
     assert (auto["bf16"], auto["use_cpu"]) == (True, False)
     # HF rejects bf16 together with fp16, so automatic bf16 must step aside when fp16 is asked for.
-    assert training_kwargs(SftConfig(fp16=True), output_dir="o", seed=0, run_name="r")["bf16"] is False
-    assert common._auto_bf16(None, fp16=False) is True
+    assert (
+        training_kwargs(SftConfig(fp16=True), DistributedConfig(), output_dir="o", seed=0, run_name="r")["bf16"]
+        is False
+    )
+    assert auto_bf16(None, fp16=False) is True
 
 
 # --- a run on the tiny random Llama ---------------------------------------------------------------------------------

@@ -122,11 +122,11 @@ def test_sigterm_is_submitits_again_when_it_requeues(monkeypatch: pytest.MonkeyP
     No cluster: the fake submitit handler sends itself SIGTERM, as SLURM does on the requeue. Before the fix, torch
     elastic's handler raised ``SignalException`` there, and the Hydra job ended failed instead of requeued.
     """
-    from alignment.launch import preemption
+    from alignment.training.checkpoint import PreemptionState
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setattr(preemption._State, "requested_signal", None)
+    monkeypatch.setattr(PreemptionState, "requested_signal", None)
     bypassed: list[int] = []
     requeued: list[int] = []
 

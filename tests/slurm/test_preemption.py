@@ -12,16 +12,15 @@ import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from alignment.context import RunContext
-from alignment.launch import preemption
-from alignment.launch.preemption import (
+from alignment.launch.preemption import preemption_guard, with_resume
+from alignment.methods.sft import SftConfig
+from alignment.training.checkpoint import (
     PreemptedError,
+    PreemptionState,
     SaveOnPreemptionCallback,
     latest_checkpoint,
-    preemption_guard,
     preemption_requested,
-    with_resume,
 )
-from alignment.methods.sft import SftConfig
 
 
 @pytest.fixture
@@ -35,8 +34,8 @@ def submitit_job(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         calls.append(signum)
 
     old = signal.signal(signal.SIGUSR2, submitit_handler)
-    monkeypatch.setattr(preemption._State, "requested_signal", None)
-    monkeypatch.setattr(preemption._State, "training", False)
+    monkeypatch.setattr(PreemptionState, "requested_signal", None)
+    monkeypatch.setattr(PreemptionState, "training", False)
     yield calls
     signal.signal(signal.SIGUSR2, old)
 

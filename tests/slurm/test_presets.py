@@ -24,7 +24,7 @@ def launcher_cfg() -> Any:
     """``launcher_cfg(preset, *overrides)`` -> the composed ``hydra.launcher`` node."""
     from hydra import compose, initialize_config_dir
 
-    from alignment.config import register_configs
+    from alignment.registry import register_configs
 
     register_configs()
     register_launcher_configs()

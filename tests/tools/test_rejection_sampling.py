@@ -18,7 +18,7 @@ from alignment.context import RunContext
 from alignment.data.basket import BasketRow
 from alignment.data.validate import DataError
 from alignment.inference.openai_batch import SamplingConfig, generate_row
-from alignment.methods import METHODS
+from alignment.registry import METHODS
 from alignment.tools import rejection_sampling
 from alignment.tools.rejection_sampling import BatchingChat, is_tie, scored_record
 from alignment.tools.rm_scoring import with_hint
@@ -129,7 +129,7 @@ def test_pairs_from_the_local_server(sampled: Path, reward_model_dir: Path) -> N
 @pytest.mark.slow
 def test_rewards_equal_direct_scoring(sampled: Path, reward_model_dir: Path) -> None:
     """Each candidate's reward is the reward model's score of prompt + candidate (with the correct-answer hint)."""
-    from alignment.models.reward import load_reward_model, score_conversations
+    from alignment.models.seqcls import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(str(reward_model_dir))
     for row in _read_jsonl(sampled / "pairs.scored.jsonl"):
@@ -160,7 +160,7 @@ def test_greedy_answers_tie_and_are_not_emitted(
 def _compose_rs(basket: Path, reward_model_dir: Path, server: str, tmp_path: Path, *extra: str) -> Any:
     from hydra import compose, initialize_config_dir
 
-    from alignment.config import register_configs
+    from alignment.registry import register_configs
     from tests.conftest import ROOT
 
     register_configs()

@@ -67,7 +67,7 @@ def _answers(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _direct_scores(reward_model_dir: Path, rows: list[dict[str, Any]]) -> list[float]:
-    from alignment.models.reward import load_reward_model, score_conversations
+    from alignment.models.seqcls import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(str(reward_model_dir))
     conversations = [with_hint(r["conversation"], r.get("correct_answer"), HINT) for r in rows]

@@ -1,0 +1,1 @@
+"""Group policy optimisation (offline GRPO): group advantages over one shared-prompt packed forward."""

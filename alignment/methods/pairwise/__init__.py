@@ -1,0 +1,1 @@
+"""Pairwise preference methods (DPO, CPO, SimPO, ORPO, SMPO): one packed forward, one trainer, a pure loss each."""

@@ -1,0 +1,1 @@
+"""Sequence-classification methods (reward model, classifier): a pooled score head and one trainer."""

@@ -1,0 +1,68 @@
+"""Secrets never reach saved configs, logs or tracker names: redaction of config trees, overrides and strings.
+
+A value is hidden when its key names a credential (``api_key``, ``hub_token``...; not tokenizer special tokens
+such as ``pad_token``) or when it contains a credential with a recognisable prefix (``sk-``, ``hf_``, ``ghp_``...).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REDACTED = "***"
+# Keys whose value is a credential. ``*_token`` is one (hub_token, hf_token, access_token) unless it names a
+# tokenizer special token, whose value is a vocabulary entry such as ``<|im_end|>``.
+_SECRET_KEY = re.compile(
+    r"api[_-]?key|access[_-]?key|secret|passw(or)?d|passphrase|private[_-]?key|credential|authorization|bearer"
+    r"|(^|[_-])token$",
+    re.IGNORECASE,
+)
+_SPECIAL_TOKEN_KEYS = frozenset(
+    {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+)
+# Credential formats with a recognisable prefix (OpenAI/Anthropic, Hugging Face, GitHub, Slack), found anywhere in a
+# value, so a token inside a URL is hidden too. The length floors keep paths like ``hf_cache/model`` visible.
+_SECRET_VALUE = re.compile(
+    r"(?<![A-Za-z0-9])(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{16,}"
+    r"|github_pat_[A-Za-z0-9_]{16,}|xox[abposr]-[A-Za-z0-9\-]{10,})"
+)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a credential (``api_key``, ``hub_token``…; not ``pad_token``)."""
+    return key.lower() not in _SPECIAL_TOKEN_KEYS and _SECRET_KEY.search(key) is not None
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Copy of a config tree: values under secret-looking keys become ``***``, credentials inside strings too."""
+    if value is not None and is_secret_key(key):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(REDACTED, value)
+    return value
+
+
+def redact_override(override: str) -> str:
+    """A Hydra override ``[+~]key=value`` with the value hidden when the key looks secret, credentials otherwise."""
+    key, sep, value = override.partition("=")
+    if not sep:
+        return override
+    if is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]):
+        return f"{key}{sep}{REDACTED}"
+    return f"{key}{sep}{_SECRET_VALUE.sub(REDACTED, value)}"
+
+
+def redact_dirname(dirname: str, overrides: list[str], kv_sep: str = "=") -> str:
+    """Hydra's ``override_dirname`` (the sweep job's tracker name) with each override in it redacted.
+
+    Hydra joins the raw override lines and swaps every ``=`` for ``kv_sep``, so secrets would reach W&B/ClearML.
+    """
+    for override in overrides:
+        redacted = redact_override(override)
+        if redacted != override:
+            dirname = dirname.replace(override.replace("=", kv_sep), redacted.replace("=", kv_sep))
+    return dirname

@@ -1,0 +1,119 @@
+"""The one mapping from a run's settings to ``transformers.TrainingArguments`` (or a TRL config extending it).
+
+:func:`training_kwargs` is pure: the method's shared fields (HF names), the run's seed and names, and the
+``distributed`` backend's keywords (:func:`alignment.distributed.trainer_kwargs`, passed explicitly, never read
+from process state). :func:`training_args` builds the arguments object every method's ``run`` uses, with the
+no-eval toggle and the tracker settings applied once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from transformers import TrainingArguments
+
+from alignment.distributed import DistributedConfig, trainer_kwargs
+from alignment.loggers import report_to
+from alignment.task import IntervalStrategy, MethodConfig
+
+if TYPE_CHECKING:
+    from alignment.config import RunConfig
+    from alignment.context import RunContext
+
+ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
+
+
+def auto_bf16(flag: bool | None, *, fp16: bool) -> bool:
+    """The bf16 setting: an explicit flag, else on only for a CUDA device with bf16 and no fp16."""
+    if flag is not None:
+        return flag
+    # HF rejects bf16 and fp16 together, so an explicit fp16 wins over the automatic choice.
+    import torch
+
+    return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def training_kwargs(
+    cfg: MethodConfig, distributed: DistributedConfig, *, output_dir: str, seed: int, run_name: str
+) -> dict[str, Any]:
+    """Keyword arguments for an HF/TRL ``*Config`` from the shared settings of a method and the run's backend.
+
+    Raises:
+        DistributedSetupError: the ``distributed`` backend cannot run on this machine.
+    """
+    return {
+        "output_dir": output_dir,
+        "run_name": run_name,
+        "seed": seed,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler_type.value,
+        "lr_scheduler_kwargs": dict(cfg.lr_scheduler_kwargs),
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "optim": cfg.optim,
+        "num_train_epochs": cfg.num_train_epochs,
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "per_device_eval_batch_size": cfg.per_device_eval_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        # The new HF name: ``gradient_checkpointing`` is a deprecated alias in transformers 5 (FutureWarning).
+        "activation_checkpointing": cfg.gradient_checkpointing,
+        "eval_strategy": cfg.eval_strategy.value,
+        "eval_steps": cfg.eval_steps,
+        "eval_on_start": cfg.eval_on_start and cfg.eval_strategy is not IntervalStrategy.no,
+        "save_strategy": cfg.save_strategy.value,
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "logging_steps": cfg.logging_steps,
+        "bf16": auto_bf16(cfg.bf16, fp16=cfg.fp16),
+        "fp16": cfg.fp16,
+        "use_cpu": not _cuda(),
+        "dataloader_num_workers": cfg.dataloader_num_workers,
+        "resume_from_checkpoint": cfg.resume_from_checkpoint,
+        # DDP / FSDP / DeepSpeed arguments of the run's ``distributed`` backend (empty for a single process).
+        **trainer_kwargs(distributed),
+    }
+
+
+@overload
+def training_args(
+    cfg: RunConfig, ctx: RunContext, *, evaluation: bool, args_class: type[ArgsT], **extra: Any
+) -> ArgsT: ...
+
+
+@overload
+def training_args(cfg: RunConfig, ctx: RunContext, *, evaluation: bool, **extra: Any) -> TrainingArguments: ...
+
+
+def training_args(
+    cfg: RunConfig,
+    ctx: RunContext,
+    *,
+    evaluation: bool,
+    args_class: type[TrainingArguments] = TrainingArguments,
+    **extra: Any,
+) -> TrainingArguments:
+    """The run's training arguments: checkpoints under ``ctx``, trackers from ``cfg.logger``, eval off without data.
+
+    Args:
+        cfg: the run (its ``method`` must be a :class:`~alignment.task.MethodConfig`).
+        ctx: where the run writes.
+        evaluation: whether there is an eval split; without one, evaluation (and eval-on-start) is off.
+        args_class: ``TrainingArguments`` or a TRL config class extending it (``SFTConfig``).
+        **extra: method-specific arguments (``remove_unused_columns``, ``max_length``...).
+    """
+    method = cfg.method
+    assert isinstance(method, MethodConfig)
+    kwargs = training_kwargs(
+        method, cfg.distributed, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name
+    )
+    if not evaluation:
+        kwargs.update(eval_strategy="no", eval_on_start=False)
+    return args_class(**kwargs, report_to=report_to(cfg.logger), **extra)

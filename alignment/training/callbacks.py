@@ -1,0 +1,139 @@
+"""Trainer callbacks shared by the methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from alignment.context import RunContext
+from alignment.data.chat_template import EvalPrompt
+from alignment.inference.hf_generate import generate
+from alignment.loggers import LoggerConfig, log_samples
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_share(count: int, rank: int, world: int) -> list[int]:
+    """Indices ``rank, rank + world, ...`` below ``count``, padded with index 0 to ``ceil(count / world)`` entries.
+
+    Every rank gets the same number of prompts, so every rank runs the same number of ``generate`` calls: under
+    ZeRO-3/FSDP each forward gathers parameter shards from all ranks, and a rank that stopped early would leave
+    the others waiting forever. The padding entries are generated and dropped.
+    """
+    share = list(range(rank, count, world))
+    return share + [0] * (-(-count // world) - len(share))
+
+
+class SampleGenerationCallback(TrainerCallback):
+    """At each evaluation, generate greedily for fixed eval prompts and record them.
+
+    Writes ``generations/step_<N>.jsonl`` in the run directory, logs ``eval_exact_match`` (generation equals
+    the reference after stripping whitespace) through ``trainer.log`` so every tracker receives it, and sends
+    the samples to the active tracker as a table. The same prompts are used at every evaluation, so the files
+    show how answers change over training.
+
+    With several ranks every rank generates an equal share of the prompts in lock-step (ZeRO-3 and FSDP need all
+    ranks in every forward; transformers' ``generate`` then runs with ``synced_gpus`` so ranks whose sequences
+    ended keep stepping until all have), the shares are gathered, and rank 0 alone writes and logs them.
+    """
+
+    def __init__(
+        self,
+        prompts: list[EvalPrompt],
+        tokenizer: PreTrainedTokenizerBase,
+        ctx: RunContext,
+        logger: LoggerConfig,
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+    ) -> None:
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.ctx = ctx
+        self.logger = logger
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.trainer: Trainer | None = None
+        self.history: dict[int, float] = {}
+
+    def _generate_all(self, model: Any) -> list[str]:
+        """Completions of every prompt: this rank's share, gathered from all ranks when there are several."""
+        rank, world = _world()
+        share = rank_share(len(self.prompts), rank, world)
+        texts = generate(
+            model,
+            self.tokenizer,
+            [self.prompts[i].prompt for i in share],
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+        if world == 1:
+            return texts
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, texts)
+        completions: dict[int, str] = {}
+        for other, other_texts in enumerate(gathered):
+            for index, text in zip(range(other, len(self.prompts), world), other_texts, strict=False):
+                completions[index] = text
+        return [completions[i] for i in range(len(self.prompts))]
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Generate (all ranks), then write the JSONL file, log exact match and the sample table (rank 0)."""
+        if not self.prompts or state.global_step in self.history:
+            return
+        texts = self._generate_all(kwargs["model"])
+        rows = [
+            {"origin": p.origin, "prompt": p.prompt, "reference": p.reference, "generation": text}
+            for p, text in zip(self.prompts, texts, strict=True)
+        ]
+        exact = sum(r["generation"].strip() == r["reference"].strip() for r in rows) / len(rows)
+        self.history[state.global_step] = exact
+        if state.is_world_process_zero:
+            folder = self.ctx.output_dir / "generations"
+            folder.mkdir(exist_ok=True)
+            path: Path = folder / f"step_{state.global_step:06d}.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            log_samples(self.logger, self.ctx, rows, state.global_step)
+        if self.trainer is not None:
+            self.trainer.log({"eval_exact_match": exact})  # on every rank, so their log histories stay equal
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every logged metrics dict, with step and epoch, to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write one JSON line per log event."""
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")

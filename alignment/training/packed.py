@@ -1,0 +1,88 @@
+"""The padding-free packed forward that the pairwise methods, GPO and distillation share.
+
+Several sequences are concatenated into one row with restarting ``position_ids``; a second id row says which
+sequence each token belongs to. Attention must stay inside each sequence: flash-attention gets varlen boundaries
+(``cu_seq_lens``), every other implementation a 4-D mask (boolean for sdpa, additive float for eager). Log-probs
+are taken from the logits of the positions that predict a counted (non-ignored) label and summed per sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from alignment.data.chat_template import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def attention_implementation(model: Any) -> str | None:
+    """The model's attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...), through wrappers."""
+    # A DDP/DeepSpeed wrapper (what the Trainer passes to compute_loss) has neither ``config`` nor ``dtype``.
+    inner: PreTrainedModel = getattr(model, "module", model)
+    return getattr(inner.config, "_attn_implementation", None)
+
+
+def mask_kwargs(model: Any, allowed: torch.Tensor) -> dict[str, Any]:
+    """A 4-D ``attention_mask`` from ``allowed`` ``(1, 1, tokens, tokens)``: boolean for sdpa, additive otherwise.
+
+    A 4-D mask reaches the attention function as is, and eager attention *adds* it to the scores: a boolean mask
+    would add 0/1 and mask nothing, so every implementation but sdpa gets the additive float form.
+    """
+    if attention_implementation(model) == "sdpa":
+        return {"attention_mask": allowed}
+    dtype = getattr(model, "module", model).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return {"attention_mask": additive.masked_fill(~allowed, torch.finfo(dtype).min)}
+
+
+def attention_kwargs(model: Any, position_ids: torch.Tensor, sequence_ids: torch.Tensor) -> dict[str, Any]:
+    """Keep attention inside each packed sequence: varlen boundaries for flash-attention, a 4-D mask otherwise.
+
+    Args:
+        model: the (possibly wrapped) model the row goes through.
+        position_ids: ``(1, tokens)``, restarting at 0 for each sequence.
+        sequence_ids: ``(1, tokens)``, the sequence each token belongs to.
+    """
+    if attention_implementation(model) == "flash_attention_2":
+        starts = (position_ids[0] == 0).nonzero().flatten()
+        cu_seq_lens = torch.cat([starts, starts.new_tensor([position_ids.size(1)])]).to(torch.int32)
+        longest = int(cu_seq_lens.diff().max())
+        return {
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+    seq = sequence_ids[0]
+    return mask_kwargs(model, (seq[:, None] == seq[None, :]).tril()[None, None])
+
+
+def counted_token_logps(
+    model: Any, batch: Mapping[str, torch.Tensor], attention: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the packed row; log-probs of the counted labels only, ``(counted,)``, and their positions.
+
+    Only the positions that predict a counted label go through the LM head (``logits_to_keep``). The positions
+    index the shifted row (``labels[0, 1:]``), so ``ids[0, 1:][positions]`` are the owners of the log-probs.
+    """
+    targets = batch["labels"][0, 1:]
+    predicting = (targets != IGNORE_INDEX).nonzero().flatten()
+    outputs = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=predicting,
+        **attention,
+    )
+    logits = outputs.logits[0].float()
+    chosen = targets[predicting]
+    return logits.gather(-1, chosen[:, None]).squeeze(-1) - logits.logsumexp(-1), predicting
+
+
+def sum_per_sequence(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+    """``out[s] = sum of values[t] with owner[t] == s``, ``(count,)``; ``values`` and ``owner`` are ``(tokens,)``."""
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, owner, values)
