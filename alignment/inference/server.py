@@ -16,10 +16,10 @@ end-of-turn token (``finish_reason="stop"``) or at a stop string. ``response_for
 enforced (no guided decoding here). A ``seed`` seeds the whole batch it lands in, so it is reproducible only for
 a batch of one.
 
-Fault injection, for tests of client retries: ``--fault-429 P`` (with ``Retry-After: --retry-after``),
-``--fault-500 P`` and ``--fault-drop P`` (the connection is aborted without a response) hit a random fraction of
-chat requests; ``--fail-marker TEXT`` fails every request whose body contains TEXT (``--fail-marker-status``,
-500 by default). ``GET /faults`` counts the faults injected.
+Embedding: :func:`build_app` returns the FastAPI app over a :class:`Batcher`; :func:`main` takes an ``app_wrapper``
+(ASGI middleware put around that app before it is served), and :func:`running_server` takes the ``command`` that
+serves, so a program of one's own (say a test's, wrapping the app in middleware) can call :func:`main` and be
+started, health-checked and stopped like this module.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import queue
-import random
 import socket
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,97 +224,8 @@ class Batcher:
             job.done(completions)
 
 
-@dataclass
-class FaultConfig:
-    """Injected failures (tests of client retries); all off by default."""
-
-    rate_429: float = 0.0
-    """Fraction of chat requests answered 429 with a ``Retry-After`` header."""
-    rate_500: float = 0.0
-    """Fraction answered 500."""
-    rate_drop: float = 0.0
-    """Fraction whose connection is aborted without any response."""
-    retry_after_s: float = 0.2
-    """``Retry-After`` seconds sent with the 429s."""
-    fail_marker: str | None = None
-    """Requests whose body contains this text always fail, with ``fail_marker_status``."""
-    fail_marker_status: int = 500
-    """Status of the marked requests' failures (429 ones carry ``Retry-After`` too)."""
-    seed: int = 0
-    """Seed of the fault draws."""
-    counts: dict[str, int] = field(default_factory=dict)
-    """Faults injected so far, by kind (served at ``GET /faults``)."""
-
-
 def _error_body(message: str, kind: str, code: int) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-
-
-class FaultInjector:
-    """ASGI middleware that fails a fraction of ``/v1/chat/completions`` requests (see :class:`FaultConfig`)."""
-
-    def __init__(self, app: Any, faults: FaultConfig) -> None:
-        self.app = app
-        self.faults = faults
-        self.rng = random.Random(faults.seed)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Pass the request on, or answer it with a drawn fault."""
-        if scope["type"] != "http" or not scope["path"].endswith("/chat/completions"):
-            await self.app(scope, receive, send)
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        fault = self._draw(body)
-        if fault is None:
-            await self.app(scope, _replay(body), send)
-            return
-        self.faults.counts[fault] = self.faults.counts.get(fault, 0) + 1
-        if fault == "drop":
-            # uvicorn's receive is a bound method of the request cycle, which holds the socket's transport.
-            receive.__self__.transport.abort()
-            for _ in range(3):  # let connection_lost run, so uvicorn does not try to send a 500
-                await asyncio.sleep(0)
-            return
-        status = {"429": 429, "500": 500}.get(fault, self.faults.fail_marker_status)
-        headers = [(b"content-type", b"application/json")]
-        if status == 429:
-            headers.append((b"retry-after", str(self.faults.retry_after_s).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": _error_body(f"injected {fault}", "injected_fault", status)})
-
-    def _draw(self, body: bytes) -> str | None:
-        marker = self.faults.fail_marker
-        if marker and marker.encode() in body:
-            return "marker"
-        r = self.rng.random()
-        for kind, rate in (
-            ("drop", self.faults.rate_drop),
-            ("429", self.faults.rate_429),
-            ("500", self.faults.rate_500),
-        ):
-            if r < rate:
-                return kind
-            r -= rate
-        return None
-
-
-def _replay(body: bytes) -> Callable[[], Any]:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # a disconnect never comes: the request is complete
-        return {"type": "http.disconnect"}
-
-    return receive
 
 
 def _sampling_key(body: dict[str, Any]) -> SamplingKey:
@@ -378,8 +288,16 @@ def _response(served: str, prompt_tokens: int, completions: list[Completion]) ->
     }
 
 
-def build_app(batcher: Batcher, served: str, faults: FaultConfig | None = None) -> Any:
-    """The FastAPI app (wrapped in the fault injector when ``faults`` is given)."""
+def build_app(batcher: Batcher, served: str) -> FastAPI:
+    """The FastAPI app serving ``served`` from ``batcher``: chat completions, ``/v1/models`` and ``/health``.
+
+    Args:
+        batcher: The batch queue in front of the model; its inference thread must be running.
+        served: The model name clients send as ``model`` (any other name gets a 404).
+
+    Returns:
+        The app, an ASGI application (wrap it in middleware as :func:`main`'s ``app_wrapper`` does).
+    """
     # FastAPI resolves the handlers' string annotations (``Request``) from this module's globals.
     app = FastAPI(title="effective-alignment local server")
 
@@ -389,10 +307,6 @@ def build_app(batcher: Batcher, served: str, faults: FaultConfig | None = None) 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": served, "batches": batcher.batches}
-
-    @app.get("/faults")
-    async def fault_counts() -> dict[str, int]:
-        return dict(faults.counts) if faults is not None else {}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -420,7 +334,7 @@ def build_app(batcher: Batcher, served: str, faults: FaultConfig | None = None) 
         )
         return JSONResponse(_response(served, len(prompt_ids), completions))
 
-    return app if faults is None else FaultInjector(app, faults)
+    return app
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -435,42 +349,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="sequences per generate call")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests before a batch")
-    parser.add_argument("--fault-429", type=float, default=0.0)
-    parser.add_argument("--fault-500", type=float, default=0.0)
-    parser.add_argument("--fault-drop", type=float, default=0.0)
-    parser.add_argument("--retry-after", type=float, default=0.2, help="Retry-After seconds of injected 429s")
-    parser.add_argument("--fail-marker", default=None, help="always answer 500 to requests containing this text")
-    parser.add_argument("--fail-marker-status", type=int, default=500, help="status of the marked requests")
-    parser.add_argument("--fault-seed", type=int, default=0)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Load the model and serve until interrupted."""
+def main(argv: Sequence[str] | None = None, *, app_wrapper: Callable[[FastAPI], Any] | None = None) -> None:
+    """Load the model and serve until interrupted.
+
+    Args:
+        argv: Command-line arguments (see ``--help``); None reads ``sys.argv``.
+        app_wrapper: Called with the app :func:`build_app` built; what it returns (an ASGI application, such as
+            middleware around the app) is served instead. None serves the app itself. The server runs uvicorn's
+            ``h11`` protocol.
+    """
     import uvicorn
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    faults = FaultConfig(
-        rate_429=args.fault_429,
-        rate_500=args.fault_500,
-        rate_drop=args.fault_drop,
-        retry_after_s=args.retry_after,
-        fail_marker=args.fail_marker,
-        fail_marker_status=args.fail_marker_status,
-        seed=args.fault_seed,
-    )
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    injecting = faults.fail_marker is not None or faults.rate_429 + faults.rate_500 + faults.rate_drop > 0
     batcher = Batcher(
         Engine(args.model, args.dtype), max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000
     )
     served = args.served_model_name or args.model
     log.info("serving %r on http://%s:%d/v1", served, args.host, args.port)
-    app = build_app(batcher, served, faults if injecting else None)
+    app: Any = build_app(batcher, served)
+    if app_wrapper is not None:
+        app = app_wrapper(app)
     uvicorn.run(app, host=args.host, port=args.port, http="h11", log_level="warning")
 
 
@@ -483,19 +389,40 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    model: str, *, extra_args: Sequence[str] = (), timeout_s: float = 180.0, log_path: Path | None = None
+    model: str,
+    *,
+    extra_args: Sequence[str] = (),
+    timeout_s: float = 180.0,
+    log_path: Path | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[str]:
     """Start the server in a subprocess on a free loopback port; yield its base URL (``http://127.0.0.1:P/v1``).
+
+    The subprocess is stopped (SIGTERM, then SIGKILL after 20 s) when the context exits.
+
+    Args:
+        model: The ``--model`` to serve.
+        extra_args: More arguments, after ``--model`` and ``--port``.
+        timeout_s: How long to wait for ``GET /health`` to answer.
+        log_path: File for the server's stdout and stderr; None discards them.
+        command: The program that serves, given ``--model M --port P`` and ``extra_args`` (default
+            ``python -m alignment.inference.server``): for instance ``[sys.executable, "-m", "some.module"]`` where
+            ``some.module`` calls :func:`main` with an ``app_wrapper``. The repository root is on its
+            ``PYTHONPATH``.
+
+    Yields:
+        The base URL of the server's OpenAI-compatible API.
 
     Raises:
         RuntimeError: the server exited or did not answer ``/health`` within ``timeout_s``.
     """
     port = free_port()
-    command = [sys.executable, "-m", "alignment.inference.server", "--model", model, "--port", str(port), *extra_args]
+    program = [sys.executable, "-m", "alignment.inference.server"] if command is None else list(command)
+    argv = [*program, "--model", model, "--port", str(port), *extra_args]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     with open(log_path or os.devnull, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_healthy(process, f"http://127.0.0.1:{port}", timeout_s)
             yield f"http://127.0.0.1:{port}/v1"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
@@ -109,6 +112,22 @@ def test_marked_request_always_fails_even_after_retries(faulty_server: str) -> N
     with pytest.raises(openai.RateLimitError):
         asyncio.run(go())
     assert get(faulty_server, "/faults")["marker"] == before + 3  # the first try and two retries
+
+
+def test_production_help_and_app_have_no_fault_injection() -> None:
+    """Fault injection is test code (``tests/inference/fault_server.py``): the user-facing server has none."""
+    import alignment.inference.server as server
+
+    result = subprocess.run(
+        [sys.executable, "-m", "alignment.inference.server", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--model" in result.stdout
+    assert "--port" in result.stdout
+    # "fault" as a word or an option's part ("--fault-429", "FAULT_SEED"), not inside "default".
+    fault_words = re.compile(r"(?<![a-z])faults?|fail.marker|retry.after|inject", re.IGNORECASE)
+    assert not fault_words.search(result.stdout), result.stdout
+    assert not [name for name in vars(server) if re.match(r"_?fault", name, re.IGNORECASE)]
 
 
 def test_finish_cuts_at_end_of_turn_token_cap_and_stop_string(tiny_random_path: str) -> None:
