@@ -94,11 +94,11 @@ def environment(overrides: list[str]) -> dict[str, Any]:
 def write_run_files(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, Any]:
     """Write ``config.yaml`` and ``environment.json``; return the redacted config as a plain dict."""
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    plain = redact(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
-    (ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain), encoding="utf-8")
+    redacted_config = redact(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+    (ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redacted_config), encoding="utf-8")
     (ctx.output_dir / "environment.json").write_text(json.dumps(environment(overrides), indent=2), encoding="utf-8")
-    assert isinstance(plain, dict)
-    return plain
+    assert isinstance(redacted_config, dict)
+    return redacted_config
 
 
 def redact_sweep_file(sweep_dir: Path) -> None:
@@ -154,16 +154,16 @@ def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, 
     from alignment.launch.ranks import is_main_process, rank_session
 
     main = is_main_process()
-    plain = write_run_files(cfg, ctx, overrides) if main else {}
+    redacted_config = write_run_files(cfg, ctx, overrides) if main else {}
     log.info("run directory: %s", ctx.output_dir)
     set_seed(cfg.seed)
     if main:
-        open_trackers(cfg.logger, ctx, plain)
+        open_trackers(cfg.logger, ctx, redacted_config)
     failed = True
     try:
-        with rank_session(cfg, ctx) as ran, preemption_guard():  # SLURM time-limit signal: save, then requeue
+        with rank_session(cfg, ctx) as rank_metrics, preemption_guard():  # SLURM time-limit signal: save, then requeue
             metrics = METHODS[cfg.method.name].run(cfg, ctx)
-        metrics.update(ran)
+        metrics.update(rank_metrics)
         failed = False
     finally:
         if main:

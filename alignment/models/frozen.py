@@ -81,15 +81,18 @@ def load_frozen_copy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     """A frozen copy of the model ``cfg`` describes, without adapters or unfrozen layers, in eval mode."""
     from alignment.models.load import load_model
 
-    frozen = load_model(replace(cfg, lora=replace(cfg.lora, enabled=False), unfreeze_layers_patterns=[]), tokenizer)
+    without_adapters = replace(cfg, lora=replace(cfg.lora, enabled=False), unfreeze_layers_patterns=[])
+    frozen = load_model(without_adapters, tokenizer, frozen=True)
     frozen.requires_grad_(False)
     frozen.train(False)
     return frozen
 
 
 def fingerprint(cfg: ModelConfig, *parts: str) -> str:
-    """Cache key of a frozen model's outputs: the model (path, revision, dtype) and the caller's ``parts``."""
+    """Cache key of a frozen model's outputs: the model (path, revision, dtype, quantisation) and ``parts``."""
     fields = [cfg.name_or_path, str(cfg.revision), str(cfg.dtype), *parts]
+    if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:  # unquantised keys stay as they were
+        fields.append(repr(cfg.quantization))
     return hashlib.sha256("|".join(fields).encode()).hexdigest()[:24]
 
 

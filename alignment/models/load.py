@@ -145,14 +145,17 @@ def unfreeze_by_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
                 param.requires_grad_(True)
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, frozen: bool = False) -> PreTrainedModel:
     """Load the causal LM, resize for added tokens, then apply LoRA or layer unfreezing.
 
+    ``frozen``: the model never trains (a reference or a teacher), so quantised loading needs no adapters.
+
     Raises:
-        ValueError: quantised loading without LoRA (quantised weights cannot be trained in full).
+        ValueError: quantised loading without LoRA for a model that trains (quantised weights cannot be trained
+            in full).
     """
     quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
-    if quantized and not cfg.lora.enabled:
+    if quantized and not cfg.lora.enabled and not frozen:
         raise ValueError(
             "model.quantization needs model.lora.enabled=true: quantised weights only train through adapters"
         )

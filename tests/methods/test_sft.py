@@ -1,4 +1,4 @@
-"""SFT: row validation, eval prompts, the HF argument mapping, and trainer invariants on the tiny random Llama.
+"""SFT: row validation, eval prompts, and trainer invariants on the tiny random Llama.
 
 Trainer tests (STYLE rule 11) call ``alignment.methods.sft.run`` in-process on ``model=tiny_random``; the model
 that ``run`` loads is captured (``load_model`` is wrapped) so parameters can be compared before and after.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,8 @@ from datasets import Dataset
 
 from alignment.data.chat_template import render, tokenize_conversation
 from alignment.data.load import ORIGIN
-from alignment.distributed import DistributedConfig
 from alignment.methods import sft
 from alignment.methods.sft import SftConfig, eval_prompts, row_problems
-from alignment.task import IntervalStrategy, MethodConfig, SchedulerType
-from alignment.training.arguments import auto_bf16, training_kwargs
 from tests.methods.helpers import ONE_SGD_STEP, Loaded, read_logs, run_method
 
 # Short, fast runs: every evaluation generates 2 short samples from a 4-row eval set.
@@ -177,115 +173,6 @@ def test_eval_prompts_cap_and_skip_rows_without_a_prompt(smollm2_tokenizer: Any)
         "rows.jsonl:3",
     ]
     assert eval_prompts(rows, smollm2_tokenizer, SftConfig(num_generation_samples=0)) == []
-
-
-# --- training_kwargs ------------------------------------------------------------------------------------------------
-
-# Our field -> HF TrainingArguments name, where they differ.
-HF_NAMES = {"gradient_checkpointing": "activation_checkpointing"}
-
-
-def _non_default_method_config() -> SftConfig:
-    return SftConfig(
-        learning_rate=3e-4,
-        lr_scheduler_type=SchedulerType.cosine_with_min_lr,
-        lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=0.1,
-        weight_decay=0.01,
-        max_grad_norm=0.5,
-        optim="sgd",
-        num_train_epochs=2.0,
-        max_steps=7,
-        per_device_train_batch_size=3,
-        per_device_eval_batch_size=5,
-        gradient_accumulation_steps=2,
-        gradient_checkpointing=True,
-        eval_strategy=IntervalStrategy.epoch,
-        eval_steps=0.5,
-        eval_on_start=False,
-        save_strategy=IntervalStrategy.no,
-        save_steps=3,
-        save_total_limit=1,
-        logging_steps=2,
-        bf16=False,
-        fp16=False,
-        dataloader_num_workers=1,
-        resume_from_checkpoint="/some/checkpoint-2",
-    )
-
-
-def test_training_kwargs_maps_every_shared_field_with_hf_names() -> None:
-    from trl import SFTConfig as TrlSFTConfig
-
-    cfg = _non_default_method_config()
-    kwargs = training_kwargs(cfg, DistributedConfig(), output_dir="/tmp/out", seed=5, run_name="r")
-    # Not HF arguments: the registry key, and what the runner does with checkpoints after a finished run.
-    shared = [f.name for f in fields(MethodConfig) if f.name not in ("name", "keep_checkpoints")]
-    for name in shared:
-        value = getattr(cfg, name)
-        expected = value.value if isinstance(value, IntervalStrategy | SchedulerType) else value
-        assert kwargs[HF_NAMES.get(name, name)] == expected, name
-    assert {"output_dir": "/tmp/out", "seed": 5, "run_name": "r"}.items() <= kwargs.items()
-    assert set(kwargs) == {HF_NAMES.get(n, n) for n in shared} | {"output_dir", "seed", "run_name", "use_cpu"}
-    args = TrlSFTConfig(**{**kwargs, "use_cpu": True})  # every name is one HF accepts, and the values survive
-    assert args.gradient_checkpointing is True
-    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
-    assert args.resume_from_checkpoint == "/some/checkpoint-2"
-    assert (args.learning_rate, args.per_device_train_batch_size, args.max_steps) == (3e-4, 3, 7)
-
-
-@pytest.mark.parametrize(
-    ("schedule", "extra"),
-    [
-        (SchedulerType.cosine_with_min_lr, {"min_lr_rate": 0.1}),
-        (SchedulerType.warmup_stable_decay, {"num_decay_steps": 2}),
-    ],
-)
-def test_schedules_that_need_kwargs_get_them(schedule: SchedulerType, extra: dict[str, Any]) -> None:
-    from transformers import get_scheduler
-
-    kwargs = training_kwargs(
-        SftConfig(lr_scheduler_type=schedule, lr_scheduler_kwargs=extra),
-        DistributedConfig(),
-        output_dir="o",
-        seed=0,
-        run_name="r",
-    )
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = get_scheduler(
-        kwargs["lr_scheduler_type"],
-        optimizer,
-        num_warmup_steps=0,
-        num_training_steps=10,
-        scheduler_specific_kwargs=kwargs["lr_scheduler_kwargs"],
-    )
-    for _ in range(10):
-        optimizer.step()
-        scheduler.step()
-    assert scheduler.get_last_lr()[0] < 1.0
-
-
-def test_training_kwargs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    kwargs = training_kwargs(SftConfig(bf16=None), DistributedConfig(), output_dir="o", seed=0, run_name="r")
-    assert kwargs["bf16"] is False
-    assert kwargs["use_cpu"] is True
-    assert (
-        training_kwargs(SftConfig(bf16=True), DistributedConfig(), output_dir="o", seed=0, run_name="r")["bf16"] is True
-    )
-
-
-def test_training_kwargs_auto_bf16_on_gpu_yields_to_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    auto = training_kwargs(SftConfig(), DistributedConfig(), output_dir="o", seed=0, run_name="r")
-    assert (auto["bf16"], auto["use_cpu"]) == (True, False)
-    # HF rejects bf16 together with fp16, so automatic bf16 must step aside when fp16 is asked for.
-    assert (
-        training_kwargs(SftConfig(fp16=True), DistributedConfig(), output_dir="o", seed=0, run_name="r")["bf16"]
-        is False
-    )
-    assert auto_bf16(None, fp16=False) is True
 
 
 # --- a run on the tiny random Llama ---------------------------------------------------------------------------------

@@ -425,7 +425,7 @@ def run_pairwise(
     from alignment.training.checkpoint import train_and_save
 
     method = cfg.method
-    assert isinstance(method, PairwiseConfig)
+    assert isinstance(method, MethodConfig)
     # Resolved first, so a reference that cannot work fails before any data or model is loaded.
     kind = resolve_kind(reference_kind, cfg.model.lora.enabled) if reference_kind is not None else None
     tokenizer = load_tokenizer(cfg.model)
@@ -466,6 +466,6 @@ def run_pairwise(
         loss_fn=loss_fn,
         reference=reference,
         token_shaper=token_shaper,
-        max_tokens_per_batch=method.max_tokens_per_batch,
+        max_tokens_per_batch=method.max_tokens_per_batch if isinstance(method, PairwiseConfig) else None,
     )
     return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)

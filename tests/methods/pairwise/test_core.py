@@ -50,7 +50,6 @@ from alignment.methods.pairwise.trainer import PairwiseTrainer
 from alignment.models.config import ReferenceKind
 from alignment.models.frozen import FrozenModel
 from alignment.task import IntervalStrategy, MethodConfig, SchedulerType
-from alignment.training.trainer import TokenBudgetBatchSampler
 from tests.methods.helpers import sgd_step_args, tiny_model
 
 USER = {"role": "user", "content": "What is 2 + 3?"}
@@ -621,23 +620,6 @@ def test_run_pairwise_on_the_demo_pairs_writes_metrics_and_model(
     assert metrics["eval_loss"] == eval_logs[-1]["eval_loss"]
     assert (tmp_path / "model" / "config.json").exists()
     assert (tmp_path / "model" / "tokenizer_config.json").exists()
-
-
-def test_token_budget_sampler_covers_every_pair_once_within_the_budget() -> None:
-    lengths = [30, 5, 12, 70, 8, 8, 25, 40, 3, 19]
-    sampler = TokenBudgetBatchSampler(lengths, budget=50, seed=3)
-    batches = sampler.batches()
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    for batch in batches:
-        # a pair over the budget (70) trains alone; every other micro-batch stays within it
-        assert len(batch) == 1 or sum(lengths[i] for i in batch) <= 50
-    assert [3] in batches
-    assert batches == TokenBudgetBatchSampler(lengths, budget=50, seed=3).batches()  # seeded
-    assert len(sampler) == len(batches) == len(list(sampler))
-    sampler.set_epoch(1)
-    assert sampler.batches() != batches  # a new order each epoch
-    with pytest.raises(ValueError, match="max_tokens_per_batch"):
-        TokenBudgetBatchSampler(lengths, budget=0, seed=0)
 
 
 def test_token_budget_run_trains_on_every_pair_in_budgeted_micro_batches(
