@@ -17,6 +17,7 @@ from alignment.data.config import DataConfig
 from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerConfig
 from alignment.models.config import ModelConfig
+from alignment.ranges import bounded, check_ranges
 from alignment.task import TaskConfig
 
 
@@ -34,7 +35,7 @@ class RunConfig:
     """Process layout."""
     logger: LoggerConfig = MISSING
     """Metric tracker."""
-    seed: int = 42
+    seed: int = bounded(42, ge=0, le=2**32 - 1)
     """Seed for model init, dropout and data order (``transformers.set_seed``)."""
     plan: bool = False
     """Check everything a run needs (config, first data rows, model config, memory per device, the sbatch script)
@@ -75,8 +76,13 @@ def check_known_keys(node: DictConfig | ListConfig, path: str = "") -> None:
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The one conversion from the composed DictConfig to the typed run object (after the unknown-key check)."""
+    """The one conversion from the composed DictConfig to the typed run object.
+
+    Unknown keys and out-of-range values (:mod:`alignment.ranges`) fail here, naming the full key, before any
+    ``__post_init__`` runs and before anything is loaded.
+    """
     check_known_keys(cfg)
+    check_ranges(cfg)
     run_cfg = OmegaConf.to_object(cfg)
     assert isinstance(run_cfg, RunConfig)
     return run_cfg

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from alignment.ranges import bounded, check_fields
+
 
 class DistributedBackend(StrEnum):
     """How training is spread over processes."""
@@ -60,7 +62,7 @@ class DdpSettings:
 
     find_unused_parameters: bool = False
     """Search the graph for parameters without a gradient each step (needed only when some never get one)."""
-    bucket_cap_mb: int = 25
+    bucket_cap_mb: int = bounded(25, ge=1)
     """Gradient all-reduce bucket size in MiB (PyTorch's default)."""
 
 
@@ -89,7 +91,7 @@ class FsdpSettings:
 class DeepSpeedSettings:
     """DeepSpeed ZeRO tuning; ``None`` bucket sizes follow the model's hidden size (HF ``"auto"``)."""
 
-    stage: int = 2
+    stage: int = bounded(2, ge=1, le=3)
     """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
     offload_optimizer: OffloadDevice = OffloadDevice.none
     """Keep optimizer state (and the fp32 master weights) on the CPU or NVMe; uses DeepSpeed's CPU Adam."""
@@ -103,28 +105,27 @@ class DeepSpeedSettings:
     """Copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
     reduce_scatter: bool = True
     """Reduce gradients with reduce-scatter instead of all-reduce (stages 2/3)."""
-    allgather_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = bounded(200_000_000, ge=1)
     """Elements all-gathered at a time (stage 2)."""
-    reduce_bucket_size: int | None = None
+    reduce_bucket_size: int | None = bounded(None, ge=1)
     """Elements reduced at a time; None: hidden_size^2."""
-    stage3_prefetch_bucket_size: int | None = None
+    stage3_prefetch_bucket_size: int | None = bounded(None, ge=0)
     """Parameter elements prefetched ahead of use (stage 3); None: 0.9 * hidden_size^2."""
-    stage3_param_persistence_threshold: int | None = None
+    stage3_param_persistence_threshold: int | None = bounded(None, ge=0)
     """Parameters smaller than this stay unpartitioned (stage 3); None: 10 * hidden_size."""
-    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_live_parameters: int = bounded(1_000_000_000, ge=0)
     """Upper bound of gathered parameter elements kept per rank (stage 3)."""
-    stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_max_reuse_distance: int = bounded(1_000_000_000, ge=0)
     """Keep a gathered parameter if it is reused within this many elements (stage 3)."""
     gather_16bit_weights_on_model_save: bool = True
     """Gather full weights on save so ``model/`` is a normal HF folder (stage 3)."""
-    loss_scale: float = 0.0
+    loss_scale: float = bounded(0.0, ge=0)
     """fp16 loss scale; 0 means dynamic scaling (only with ``method.fp16``)."""
-    initial_scale_power: int = 16
+    initial_scale_power: int = bounded(16, ge=0)
     """Dynamic fp16 loss scaling starts at 2**this."""
 
     def __post_init__(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise ValueError(f"distributed.deepspeed.stage must be 1, 2 or 3, got {self.stage}")
+        check_fields(self, "distributed.deepspeed")
         if self.offload_param is not OffloadDevice.none and self.stage != 3:
             raise ValueError(
                 f"distributed.deepspeed.offload_param={self.offload_param} needs stage 3 (got stage {self.stage})"
@@ -140,15 +141,15 @@ class DistributedConfig:
 
     backend: DistributedBackend = DistributedBackend.none
     """Parallelism backend."""
-    nproc_per_node: int = 1
+    nproc_per_node: int = bounded(1, ge=1)
     """Ranks per node (one per GPU; on a CPU machine, processes sharing its cores)."""
-    nnodes: int = 1
+    nnodes: int = bounded(1, ge=1)
     """Nodes (SLURM jobs get this from the launcher; a local run uses 1)."""
     process_group: ProcessGroupBackend = ProcessGroupBackend.auto
     """Communication backend; ``auto`` is nccl with CUDA, gloo without."""
-    timeout_s: int = 1800
+    timeout_s: int = bounded(1800, ge=1)
     """Collective-operation timeout in seconds (HF ``ddp_timeout``)."""
-    max_restarts: int = 0
+    max_restarts: int = bounded(0, ge=0)
     """Times torch elastic restarts the whole rank group after a rank fails."""
     ddp: DdpSettings = field(default_factory=DdpSettings)
     """DDP settings (``backend=ddp``)."""
@@ -158,11 +159,7 @@ class DistributedConfig:
     """DeepSpeed ZeRO settings (``backend=deepspeed``)."""
 
     def __post_init__(self) -> None:
-        if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ValueError(
-                f"distributed.nproc_per_node and distributed.nnodes must be >= 1, got {self.nproc_per_node} and "
-                f"{self.nnodes}"
-            )
+        check_fields(self, "distributed")
         if self.backend is DistributedBackend.none and self.world_size > 1:
             raise ValueError(
                 f"distributed.nproc_per_node={self.nproc_per_node} x nnodes={self.nnodes} needs a backend: pick "

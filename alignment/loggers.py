@@ -144,12 +144,18 @@ def open_trackers(cfg: LoggerConfig, run: RunContext, config: dict[str, Any]) ->
 
 
 def close_trackers(cfg: LoggerConfig, *, failed: bool = False) -> None:
-    """Finish the W&B run / close the ClearML task (marked failed when the run raised); safe when none is open."""
+    """Finish the W&B run / close the ClearML task (marked failed when the run raised); safe when none is open.
+
+    Returns once every tracker file is complete: W&B writes the run in a service process, which ``wandb.finish``
+    only tells to finish, so the service is torn down (``wandb.teardown``: it flushes and closes the run files,
+    then exits) before this returns.
+    """
     if cfg.backend is LoggerBackend.wandb:
         import wandb
 
         if wandb.run is not None:
             wandb.finish(exit_code=1 if failed else 0)
+            _teardown_wandb(wandb)
     elif cfg.backend is LoggerBackend.clearml:
         from clearml import Task
 
@@ -161,6 +167,13 @@ def close_trackers(cfg: LoggerConfig, *, failed: bool = False) -> None:
     elif cfg.backend is LoggerBackend.tensorboard:
         # A later run in the same process (a test, a notebook) must not write into this run's folder.
         os.environ.pop(_TENSORBOARD_DIR_ENV, None)
+
+
+def _teardown_wandb(wandb: Any) -> None:
+    try:
+        wandb.teardown()
+    except SystemExit as exited:  # the service exited with an error code: not a reason to end this process
+        log.warning("W&B's service process exited with code %s", exited.code)
 
 
 def log_samples(cfg: LoggerConfig, run: RunContext, rows: Sequence[dict[str, Any]], step: int) -> None:

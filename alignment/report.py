@@ -10,7 +10,8 @@
 * a rich table on the console.
 
 A job without ``results.json`` is ``running``/``incomplete`` (``interrupted@<step>`` when it holds a checkpoint);
-for SLURM sweeps the scheduler's state (``sacct``) is shown instead when it is known.
+for SLURM sweeps the scheduler's state (``sacct``) is shown instead when it is known. A job whose run raised is
+``failed: <Type>: <message>`` (the first line of the message, from its ``results.json``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from alignment.context import failure, read_results
+
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _ARRAY_TASK = re.compile(r"^(\d+)_(\d+)$")
 _TIMING = re.compile(r"_runtime$|_per_second$")  # HF's throughput keys: noise in a comparison table
 _CONSOLE_COLUMNS = 9  # job .. best_step; the per-metric columns go to the files only
+_ERROR_CHARS = 200  # of a failed job's error in the status column
 
 
 class Mode(StrEnum):
@@ -49,7 +53,7 @@ class JobReport:
     overrides: list[str]
     """The job's command-line overrides, as the runner recorded them (secrets redacted)."""
     status: str
-    """``completed``, a SLURM state, ``interrupted@<step>`` or ``incomplete``."""
+    """``completed``, ``failed: <Type>: <message>``, a SLURM state, ``interrupted@<step>`` or ``incomplete``."""
     steps: int | None
     """Last optimizer step logged."""
     wall_s: float | None
@@ -126,12 +130,14 @@ def _wall_s(job_dir: Path) -> float | None:
 
 def read_job(job_dir: Path, *, objective: str, mode: Mode, scheduler_state: str | None = None) -> JobReport:
     """Summarise one job directory."""
-    results = job_dir / "results.json"
-    final = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    results = read_results(job_dir / "results.json")
+    final = results or {}
     curves = curves_from(_read_jsonl(job_dir / "metrics.jsonl"))
     steps = max((s for c in curves.values() for s, _ in c), default=None)
     best, best_step = best_of(curves.get(objective, []), mode)
-    if results.is_file():
+    if results is not None and (error := failure(results)) is not None:
+        status = f"failed: {error.splitlines()[0][:_ERROR_CHARS]}"
+    elif results is not None:
         status = "completed"
     elif scheduler_state:
         status = scheduler_state

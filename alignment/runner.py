@@ -25,11 +25,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from alignment.config import RunConfig
-from alignment.context import RunContext
+from alignment.context import FAILED, RunContext
 from alignment.loggers import close_trackers, open_trackers
 from alignment.redact import redact, redact_dirname, redact_override
 from alignment.registry import METHODS
-from alignment.task import MethodConfig
+from alignment.task import MethodConfig, TaskFailedError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,19 @@ def redact_sweep_file(sweep_dir: Path) -> None:
     tmp.replace(path)
 
 
+def write_failure(ctx: RunContext, error: Exception) -> None:
+    """Record why a run failed in ``results.json``: ``status: failed``, the error's type and message.
+
+    Secrets in the message are redacted; the metrics the error carries (a data tool's row counts,
+    :class:`~alignment.task.TaskFailedError`) are kept beside it.
+    """
+    metrics = error.metrics if isinstance(error, TaskFailedError) else {}
+    record = {"status": FAILED, "error": {"type": type(error).__name__, "message": str(redact(str(error)))}}
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    ctx.results_file.write_text(json.dumps({**record, **metrics}, indent=2), encoding="utf-8")
+    log.error("run failed (%s); recorded in %s", type(error).__name__, ctx.results_file)
+
+
 def run(cfg: RunConfig) -> dict[str, float]:
     """Run the configured method in the current Hydra job (``plan=true`` only checks and prints the plan).
 
@@ -146,12 +159,14 @@ def run(cfg: RunConfig) -> dict[str, float]:
 def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, float]:
     """The run body shared by a single process and every rank: all ranks train, rank 0 alone writes run files.
 
-    Trackers are closed even when the method fails.
+    Trackers are closed even when the method fails; a failure (other than a preemption, whose requeued run resumes)
+    is recorded in ``results.json`` (:func:`write_failure`) and raised on.
     """
     from transformers import set_seed
 
     from alignment.launch.preemption import preemption_guard
     from alignment.launch.ranks import is_main_process, rank_session
+    from alignment.training.checkpoint import PreemptedError
 
     main = is_main_process()
     redacted_config = write_run_files(cfg, ctx, overrides) if main else {}
@@ -165,6 +180,10 @@ def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, 
             metrics = METHODS[cfg.method.name].run(cfg, ctx)
         metrics.update(rank_metrics)
         failed = False
+    except Exception as error:
+        if main and not isinstance(error, PreemptedError):
+            write_failure(ctx, error)
+        raise
     finally:
         if main:
             close_trackers(cfg.logger, failed=failed)
@@ -174,6 +193,6 @@ def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, 
         shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
     # HF pickles TrainingArguments beside the weights; config.yaml is the record, and no pickle ships.
     (ctx.model_dir / "training_args.bin").unlink(missing_ok=True)
-    (ctx.output_dir / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    ctx.results_file.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     log.info("final metrics: %s", json.dumps(metrics))
     return metrics

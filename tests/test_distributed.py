@@ -133,7 +133,7 @@ def test_nccl_needs_cuda() -> None:
     [
         (["distributed.nproc_per_node=2"], "distributed.nproc_per_node=2 x nnodes=1 needs a backend"),
         (["distributed=deepspeed_zero2", "distributed.deepspeed.offload_param=cpu"], "needs stage 3"),
-        (["distributed=deepspeed_zero3", "distributed.deepspeed.stage=4"], "must be 1, 2 or 3"),
+        (["distributed=deepspeed_zero3", "distributed.deepspeed.stage=4"], r"stage must be in \[1, 3\], got 4"),
         (["distributed=ddp", "distributed.nproc_per_node=0"], "must be >= 1"),
         (["distributed=deepspeed_zero3", "distributed.deepspeed.offload_optimizer=nvme"], "nvme_path"),
     ],
@@ -213,7 +213,7 @@ def _fake_slurm(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
 @pytest.fixture
 def spawned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replace ``spawn_ranks`` by a recorder; as rank 0 of the head node it writes ``results.json``."""
-    from alignment.launch import distributed
+    from alignment.launch import ranks
 
     calls: list[dict[str, Any]] = []
 
@@ -222,7 +222,7 @@ def spawned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         if kwargs.get("node_rank", 0) == 0:
             (kwargs["run_dir"] / "results.json").write_text('{"loss": 1.5}', encoding="utf-8")
 
-    monkeypatch.setattr(distributed, "spawn_ranks", fake_spawn)
+    monkeypatch.setattr(ranks, "spawn_ranks", fake_spawn)
     return calls
 
 
@@ -277,6 +277,22 @@ def test_run_ranks_on_a_worker_node_uses_the_head_config(
     assert (call["nnodes"], call["node_rank"], call["rdzv_id"], call["local_addr"]) == (2, 1, "320_0", "node4")
     assert call["rdzv_endpoint"].startswith("node3:")
     assert (tmp_path / RANK_CONFIG).exists(), "only the head node removes the file"
+
+
+def test_run_ranks_fails_when_rank_0_recorded_a_failure(
+    compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0's ``results.json`` says ``status: failed``: the launching process fails with that error too."""
+    from alignment.launch import ranks
+
+    def fake_spawn(config_file: Path, dist: DistributedConfig, **kwargs: Any) -> None:
+        failure = {"status": "failed", "error": {"type": "ValueError", "message": "bad row"}}
+        (kwargs["run_dir"] / "results.json").write_text(json.dumps(failure), encoding="utf-8")
+
+    monkeypatch.setattr(ranks, "spawn_ranks", fake_spawn)
+    _fake_slurm(monkeypatch, SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="vm")
+    with pytest.raises(ranks.RankFailedError, match="rank 0 failed: ValueError: bad row"):
+        ranks.run_ranks(_ddp_cfg(compose, "distributed.nproc_per_node=2"), _ctx(tmp_path), [])
 
 
 def test_single_node_slurm_job_keeps_a_free_local_port(

@@ -163,8 +163,14 @@ def _launch_on(tmp_path: Path, lines: list[str]) -> tuple[Path, str]:
     out = _output(result)
     assert result.returncode != 0
     assert "Error merging override" not in out, "the override itself was rejected; the data was never read"
-    for name in ("model", "checkpoints", "results.json", "metrics.jsonl"):
+    for name in ("model", "checkpoints", "metrics.jsonl"):
         assert _written(tmp_path, name) == [], f"{name} written although the data was invalid"
+    # results.json records the failure only: no metrics of a run that never trained.
+    (results,) = _written(tmp_path, "results.json")
+    assert json.loads(results.read_text()) == {
+        "status": "failed",
+        "error": {"type": "DataError", "message": json.loads(results.read_text())["error"]["message"]},
+    }
     return data, out
 
 

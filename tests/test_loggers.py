@@ -249,6 +249,26 @@ def wandb_history(records: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
+def test_close_trackers_returns_after_wandb_wrote_everything(hermetic: Path, tmp_path: Path) -> None:
+    """W&B writes the run file in a service process: close_trackers waits until it has flushed and exited.
+
+    Finishing the run alone returns before the service closes the file; a reader then (a test under load, a sync
+    right after the run) could find no exit record.
+    """
+    import psutil
+    import wandb
+
+    cfg = LoggerConfig(backend=LoggerBackend.wandb, offline=True)
+    open_trackers(cfg, RunContext(tmp_path, "run", None), {"seed": 1})
+    wandb.run.log({"train/loss": 1.0})
+    close_trackers(cfg, failed=True)
+    services = [p.name() for p in psutil.Process().children(recursive=True) if "wandb" in p.name()]
+    assert services == [], "W&B's service is still running: the run file may not be complete"
+    [log_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    [exit_record] = [r.exit for r in wandb_records(log_file) if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 1
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_holds_config_metrics_and_samples(
     compose: Callable[[list[str]], Any], hermetic: Path, tmp_path: Path

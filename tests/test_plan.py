@@ -246,3 +246,26 @@ def test_sbatch_preview_renders_the_launcher_params(tmp_path: Path) -> None:
         assert line in script
     assert not (tmp_path / ".submitit").exists()
     assert sbatch_preview({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}) is None
+
+
+def test_plan_reads_a_json_array_with_a_byte_order_mark_like_a_real_run(compose: Any, tmp_path: Path) -> None:
+    """The plan reads data through the run's reader.
+
+    A ``.json`` array (BOM and all) passes, and a bad element is named by the line it starts on.
+    """
+    import dataclasses
+
+    from alignment.data.config import SourceConfig
+    from alignment.data.validate import DataError
+
+    cfg = to_run_config(compose(["method=sft", "model=tiny_random"]))
+    rows = [{"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}] * 2
+    path = tmp_path / "rows.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode("utf-8"))
+    arrays = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=[SourceConfig(path=str(path))]))
+    assert check_data(arrays) == [f"{path}: first 2 rows valid (columns messages)"]
+    path.write_text(json.dumps([*rows, {"messages": []}], indent=1), encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        check_data(arrays)
+    starts = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line == " {"]
+    assert f"{path}:{starts[-1]}: column 'messages': expected a non-empty list" in str(caught.value)

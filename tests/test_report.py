@@ -119,3 +119,15 @@ def test_cli_rejects_a_folder_without_jobs(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no job directory with config.yaml" in capsys.readouterr().err
+
+
+def test_a_failed_job_shows_its_error(sweep: Path) -> None:
+    """A job whose run raised wrote ``results.json`` with ``status: failed``: the report names the error."""
+    error = {"type": "DataError", "message": "train.jsonl:3: missing column 'prompt'\ntrain.jsonl:4: more"}
+    failed = {"status": "failed", "error": error, "generate/rows_failed": 3.0}
+    (sweep / "2" / "results.json").write_text(json.dumps(failed))
+    jobs = build(sweep)
+    assert jobs[2].status == "failed: DataError: train.jsonl:3: missing column 'prompt'"
+    assert jobs[2].final == {"generate/rows_failed": 3.0}
+    assert main([str(sweep)]) == 0
+    assert "| failed: DataError: train.jsonl:3: missing column 'prompt' |" in (sweep / "report.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -199,3 +200,41 @@ def test_environment_records_versions_git_and_interpreter() -> None:
         assert isinstance(env["git"]["dirty"], bool)
     else:
         assert env["git"] == {"revision": None, "dirty": None}
+
+
+def test_a_failed_run_records_why_in_results_json(compose: Callable[[list[str]], Any], tmp_path: Path) -> None:
+    """A method that raises leaves ``results.json`` with ``status: failed`` and the error; the error propagates."""
+    from alignment.runner import execute
+
+    missing = tmp_path / "no-such-train.jsonl"
+    cfg = to_run_config(compose(["model=tiny_random", "logger=none", f"data.sources=[{{path: '{missing}'}}]"]))
+    ctx = RunContext(tmp_path / "run", "run", None)
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - any error the data loader raises for a missing file
+        execute(cfg, ctx, [])
+    results = json.loads((ctx.output_dir / "results.json").read_text(encoding="utf-8"))
+    assert results == {"status": "failed", "error": {"type": type(caught.value).__name__, "message": str(caught.value)}}
+    assert str(missing) in results["error"]["message"]
+
+
+def test_a_failed_tool_records_its_summary_beside_the_error(
+    compose: Callable[[list[str]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error carrying metrics (a data tool whose rows failed) keeps them in ``results.json``."""
+    from alignment.registry import METHODS
+    from alignment.runner import execute
+    from alignment.task import TaskFailedError
+
+    def fail(cfg: Any, ctx: RunContext) -> dict[str, float]:
+        raise TaskFailedError(f"3 of 4 rows failed; token {OPENAI_KEY}", {"generate/rows_failed": 3.0})
+
+    monkeypatch.setitem(METHODS, "generate", dataclasses.replace(METHODS["generate"], run=fail))
+    cfg = to_run_config(compose(["method=generate", "model=tiny_random", "logger=none"]))
+    ctx = RunContext(tmp_path / "run", "run", None)
+    with pytest.raises(TaskFailedError):
+        execute(cfg, ctx, [])
+    results = json.loads((ctx.output_dir / "results.json").read_text(encoding="utf-8"))
+    assert results == {
+        "status": "failed",
+        "error": {"type": "TaskFailedError", "message": f"3 of 4 rows failed; token {REDACTED}"},
+        "generate/rows_failed": 3.0,
+    }

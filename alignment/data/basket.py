@@ -77,8 +77,10 @@ def _conversation_problems(value: Any, column: str) -> list[str]:
 
 
 def _id_problems(row: Mapping[str, Any], fields: BasketFields) -> list[str]:
-    if fields.id not in row or row[fields.id] is None:
+    if fields.id not in row:
         return [f"missing id column {fields.id!r} (every row needs a unique string or integer id)"]
+    if row[fields.id] is None:
+        return [f"column {fields.id!r}: the id is null (every row needs a unique string or integer id)"]
     value = row[fields.id]
     if isinstance(value, bool) or not isinstance(value, str | int):
         return [f"column {fields.id!r}: expected a string or integer id, got {type(value).__name__} {value!r}"]
@@ -161,7 +163,7 @@ def load_basket(
     rows = [(where, {(columns or {}).get(k, k): v for k, v in row.items()}) for where, row in read_jsonl(resolved)]
     if not rows:
         raise DataError(f"{resolved}: the basket has no rows")
-    check_rows(rows, lambda row: row_problems(row, fields))
+    check_rows(rows, lambda row: row_problems(row, fields), outcome="nothing was sent")
     duplicates = _duplicate_ids(rows, fields)
     if duplicates:
         raise DataError(f"{len(duplicates)} duplicate id(s); nothing was sent:\n  " + "\n  ".join(duplicates[:20]))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from alignment.ranges import bounded, check_fields
+
 JSON_SUFFIXES = (".jsonl", ".json")
 
 
@@ -23,18 +25,15 @@ class SourceConfig:
     """Split to evaluate on; None holds out ``data.eval_fraction`` of the train split instead."""
     eval_path: str | None = None
     """JSONL file to evaluate on (JSONL sources); None holds out ``data.eval_fraction``."""
-    sample_fraction: float | None = None
+    sample_fraction: float | None = bounded(None, gt=0, le=1)
     """Keep this fraction (0, 1] of the source, train and eval alike, seeded. Exclusive with sampling_weight."""
-    sampling_weight: float | None = None
+    sampling_weight: float | None = bounded(None, gt=0)
     """Relative probability of drawing from this source when interleaving (all sources must set one)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Renames applied on load, ``{name_in_source: name_the_method_expects}``."""
 
     def __post_init__(self) -> None:
-        if self.sample_fraction is not None and not 0 < self.sample_fraction <= 1:
-            raise ValueError(f"data source {self.path}: sample_fraction must be in (0, 1], got {self.sample_fraction}")
-        if self.sampling_weight is not None and self.sampling_weight <= 0:
-            raise ValueError(f"data source {self.path}: sampling_weight must be > 0, got {self.sampling_weight}")
+        check_fields(self, f"data.sources[{self.path!r}]")
         if self.sample_fraction is not None and self.sampling_weight is not None:
             raise ValueError(f"data source {self.path}: set sample_fraction or sampling_weight, not both")
         is_file = self.path.endswith(JSON_SUFFIXES)
@@ -50,19 +49,18 @@ class DataConfig:
 
     sources: list[SourceConfig] = MISSING
     """The datasets to mix; they must provide the same columns after ``columns`` renames."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = bounded(0.05, ge=0, lt=1)
     """Fraction held out for evaluation from sources without an eval split (0 disables it)."""
-    max_eval_samples: int | None = 256
+    max_eval_samples: int | None = bounded(256, ge=1)
     """Cap on evaluation rows after mixing (None: no cap)."""
-    num_train_samples: int | None = None
+    num_train_samples: int | None = bounded(None, ge=1)
     """Rows to draw when interleaving by sampling_weight (smaller sources repeat until every source was seen);
     None stops when the first source is exhausted."""
-    seed: int = 42
+    seed: int = bounded(42, ge=0)
     """Seed for hold-out splits, subsampling and interleaving."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check_fields(self, "data")
         weighted = [s.sampling_weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             raise ValueError("data.sources: set sampling_weight on every source or on none")

@@ -7,7 +7,10 @@ before any sampling, so a bad row anywhere fails the run before training starts.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,23 +41,100 @@ def resolve_path(path: str) -> str:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(file:line, object)`` per non-blank line.
+    """Yield ``(file:line, object)`` per row: one JSON object per non-blank line, or one JSON array of objects.
+
+    The array form is read from ``.json`` files only (each row named by the line its element starts on). The file
+    is UTF-8, with or without a byte-order mark. Lines are read one at a time, so the first rows of a large file
+    cost only those rows.
 
     Raises:
-        DataError: a line is not valid JSON or not a JSON object (file:line:column named).
+        DataError: bytes that are not UTF-8, malformed JSON, or a row that is not a JSON object (``file:line``, and
+            the column where there is one).
     """
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}:{err.colno}: malformed JSON: {err.msg}; nothing was trained") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-            yield where, row
+    with path.open("rb") as handle:
+        head: list[bytes] = []  # up to the first non-blank line, which tells an array from lines
+        for raw in handle:
+            head.append(raw)
+            if raw.removeprefix(codecs.BOM_UTF8).strip():
+                break
+        start = b"".join(head).removeprefix(codecs.BOM_UTF8)
+        if path.suffix == ".json" and start.lstrip().startswith(b"["):
+            yield from _json_array_rows(path, _decode(start + handle.read(), path, 1))
+            return
+        for number, raw in enumerate(itertools.chain(head, handle), start=1):
+            line = _decode(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, path, number)
+            if line.strip():
+                yield f"{path}:{number}", _json_object(line.rstrip("\r\n"), path, number)
+
+
+_JSON_FILE_HINT = " (a .json data file holds one JSON object per line, or one JSON array of objects)"
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _decode(raw: bytes, path: Path, first_line: int) -> str:
+    """UTF-8 text of ``raw`` (which starts on ``first_line`` of ``path``).
+
+    Raises:
+        DataError: a byte sequence that is not UTF-8, named by line and (character) column.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        column = len(raw[line_start : err.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(
+            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
+def _json_object(line: str, path: Path, number: int) -> dict[str, Any]:
+    """One line's JSON object; the line has no line break, so an error at its end points there, not at column 1."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        hint = _JSON_FILE_HINT if path.suffix == ".json" else ""
+        if not hint and number == 1 and line.lstrip().startswith("["):
+            hint = " (a .jsonl file holds one JSON object per line; a JSON array of rows goes in a .json file)"
+        raise DataError(f"{path}:{number}:{err.colno}: malformed JSON: {err.msg}{hint}") from err
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+    return row
+
+
+def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The objects of a JSON array that is the whole of ``text``, each named by the line its element starts on."""
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int) -> int:
+        match = _JSON_WHITESPACE.match(text, pos)
+        return match.end() if match else pos
+
+    def fail(pos: int, msg: str) -> DataError:
+        err = json.JSONDecodeError(msg, text, pos)
+        return DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {msg}")
+
+    pos = skip(skip(0) + 1)  # past the opening bracket
+    line, counted = 1, 0
+    closed = text.startswith("]", pos)
+    while not closed:
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise fail(err.pos, err.msg) from err
+        line, counted = line + text.count("\n", counted, pos), pos
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object per array element, got {type(row).__name__}")
+        yield f"{path}:{line}", row
+        pos = skip(end)
+        if not text.startswith((",", "]"), pos):
+            raise fail(pos, "Expecting ',' or ']' after an array element")
+        closed = text[pos] == "]"
+        if not closed:
+            pos = skip(pos + 1)
+    pos = skip(pos + 1)  # past the closing bracket
+    if pos < len(text):
+        raise fail(pos, "extra data after the array")
 
 
 def _renamed(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
@@ -75,6 +155,8 @@ def _from_jsonl(path: Path, cfg: SourceConfig, validate: RowValidator, keep: tup
 def _from_arrow(
     dataset: Dataset, label: str, cfg: SourceConfig, validate: RowValidator, keep: tuple[str, ...]
 ) -> Dataset:
+    if len(dataset) == 0:
+        raise DataError(f"{label}: no rows")
     dataset = dataset.rename_columns({k: v for k, v in cfg.columns.items() if k in dataset.column_names})
     check_rows(((f"{label} row {i}", row) for i, row in enumerate(dataset)), validate)
     dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])

@@ -7,23 +7,35 @@ it) and the reason. :func:`check_rows` runs it over a source and raises one :cla
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 ORIGIN = "_origin"
 """Column added on load: ``file:line`` or ``name[split] row N`` of each row, for error messages and samples."""
 RowValidator = Callable[[Mapping[str, Any]], list[str]]
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED = 20
+MAX_SOURCES = 3
+"""Files an error about a whole split names before it says "and N more"."""
+_ORIGIN_SUFFIX = re.compile(r"(:\d+| row \d+)$")
+_NO_EVAL_HINT = " (fix the data, or turn evaluation off: data.eval_fraction=0 and no eval_path/eval_split)"
 
 
 class DataError(ValueError):
     """A dataset failed validation; the message lists each bad row's location and reason."""
 
 
-def check_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], validate: RowValidator) -> None:
+def check_rows(
+    rows: Iterable[tuple[str, Mapping[str, Any]]], validate: RowValidator, *, outcome: str = "nothing was trained"
+) -> None:
     """Validate ``(location, row)`` pairs; raise :class:`DataError` listing the first problems found.
+
+    ``outcome`` says what the caller did not do because of it (a data tool: ``"nothing was sent"``).
 
     Raises:
         DataError: at least one row failed; the message gives the total count.
@@ -38,7 +50,34 @@ def check_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], validate: RowValid
     if problems:
         shown = "\n  ".join(problems[:MAX_REPORTED])
         more = f"\n  … and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(f"{bad_rows} invalid row(s); nothing was trained:\n  {shown}{more}")
+        raise DataError(f"{bad_rows} invalid row(s); {outcome}:\n  {shown}{more}")
+
+
+def empty_split_error(split: str, dataset: Dataset, dropped: Mapping[str, int], *, unit: str) -> DataError:
+    """The error for a split that filtering left without a row: its files, the counts, each reason.
+
+    Args:
+        split: ``"train"`` or ``"eval"``.
+        dataset: the split before filtering; its :data:`ORIGIN` column names the files (a dataset built in code
+            has none, and then no file is named).
+        dropped: rows removed per reason, e.g. ``{"chosen == rejected": 40}`` (zero counts are left out).
+        unit: what a row is, plural (``"pairs"``).
+    """
+    sources = _sources(dataset)
+    where = f"{split} split of {sources}" if sources else f"{split} split"
+    reasons = [(reason, count) for reason, count in dropped.items() if count]
+    why = reasons[0][0] if len(reasons) == 1 else ", ".join(f"{count} {reason}" for reason, count in reasons)
+    left = "nothing left to train on" if split == "train" else "nothing left to evaluate"
+    hint = "" if split == "train" else _NO_EVAL_HINT
+    return DataError(f"{where}: all {sum(dropped.values())} {unit} dropped ({why}); {left}, nothing was trained{hint}")
+
+
+def _sources(dataset: Dataset) -> str:
+    """The files (or ``name[split]``) a split's rows came from, in order, from their :data:`ORIGIN`."""
+    origins = dataset[ORIGIN] if ORIGIN in dataset.column_names else []
+    sources = list(dict.fromkeys(_ORIGIN_SUFFIX.sub("", origin) for origin in origins))
+    more = f" and {len(sources) - MAX_SOURCES} more" if len(sources) > MAX_SOURCES else ""
+    return ", ".join(sources[:MAX_SOURCES]) + more
 
 
 def message_list_problems(value: Any, column: str) -> list[str]:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 
 from alignment.data.basket import BasketRow
 from alignment.data.validate import DataError
+from alignment.ranges import bounded, check_fields
+from alignment.task import TaskFailedError
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +59,28 @@ class ClientConfig:
     the placeholder ``EMPTY``, which vLLM and the local server accept."""
     azure_api_version: str = "2024-08-01-preview"
     """Azure OpenAI API version (``api_type=azure`` only)."""
-    max_retries: int = 6
+    max_retries: int = bounded(6, ge=0)
     """Retries per request on connection errors, timeouts, 408/409/429 and 5xx (the openai client's backoff)."""
-    timeout_s: float = 600.0
+    timeout_s: float = bounded(600.0, gt=0)
     """Seconds before one request times out (then it is retried)."""
-    concurrency: int = 8
+    concurrency: int = bounded(8, ge=1)
     """Rows in flight at once."""
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"client.concurrency must be >= 1, got {self.concurrency}")
-        if self.max_retries < 0:
-            raise ValueError(f"client.max_retries must be >= 0, got {self.max_retries}")
+        check_fields(self, "client")
 
 
 @dataclass
 class SamplingConfig:
     """What each request asks for."""
 
-    num_completions: int = 1
+    num_completions: int = bounded(1, ge=1)
     """Completions of the last generated turn (OpenAI ``n``); a follow-up's first turn is always one."""
-    temperature: float = 0.0
+    temperature: float = bounded(0.0, ge=0)
     """Sampling temperature (0: greedy)."""
-    max_completion_tokens: int = 3072
+    max_completion_tokens: int = bounded(3072, ge=1)
     """Cap on generated tokens per completion (sent as ``max_tokens``)."""
-    top_p: float | None = None
+    top_p: float | None = bounded(None, gt=0, le=1)
     """Nucleus sampling mass; None leaves the server default."""
     seed: int | None = None
     """Sampling seed, for servers that honour it; None leaves it unset."""
@@ -92,14 +92,15 @@ class SamplingConfig:
     """Send ``num_completions`` requests of n=1 instead of one with ``n`` (for servers without ``n``)."""
 
     def __post_init__(self) -> None:
-        if self.num_completions < 1:
-            raise ValueError(f"sampling.num_completions must be >= 1, got {self.num_completions}")
-        if self.max_completion_tokens < 1:
-            raise ValueError(f"sampling.max_completion_tokens must be >= 1, got {self.max_completion_tokens}")
+        check_fields(self, "sampling")
 
 
 class ResponseError(RuntimeError):
     """The server answered, but not with what was asked (no choices, too few, no content)."""
+
+
+class RowsFailedError(TaskFailedError):
+    """More rows ended in the errors file than ``method.allow_failures`` lets through; carries the run's metrics."""
 
 
 @dataclass
@@ -136,6 +137,40 @@ class RunSummary:
             "tokens_per_s": self.completion_tokens / elapsed,
         }
         return {f"{prefix}/{key}": float(value) for key, value in values.items()}
+
+
+def _first_error(errors_path: Path) -> str:
+    with errors_path.open(encoding="utf-8") as handle:
+        line = handle.readline()
+    try:
+        record = json.loads(line)
+        return f"{record['error_type']}: {record['error']}"[:300]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return line.strip()[:300]
+
+
+def raise_if_rows_failed(
+    passes: Mapping[Path, RunSummary], *, allow_failures: float, metrics: Mapping[str, float]
+) -> None:
+    """Fail a tool's run when a pass over a basket lost more than ``allow_failures`` of its rows.
+
+    Each pass is keyed by its errors file. A pass fails when ``rows_failed > allow_failures * rows_total``: the
+    rows missing from its output (the failed ones are retried by a rerun into the same output) exceed the allowed
+    fraction of the basket.
+
+    Raises:
+        RowsFailedError: names each failing pass's count, errors file and first reason; carries ``metrics``.
+    """
+    problems = [
+        f"{summary.rows_failed} of {summary.rows_total} rows failed (method.allow_failures={allow_failures} allows "
+        f"{math.floor(allow_failures * summary.rows_total)}); reasons in {path} (first: {_first_error(path)})"
+        for path, summary in passes.items()
+        if summary.rows_failed > allow_failures * summary.rows_total
+    ]
+    if problems:
+        raise RowsFailedError(
+            "; ".join(problems) + ". A rerun into the same output retries only the failed rows.", metrics
+        )
 
 
 def api_key(cfg: ClientConfig) -> str:

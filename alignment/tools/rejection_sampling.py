@@ -20,7 +20,8 @@ Outputs, beside ``method.output_path`` (default ``<run dir>/pairs.jsonl``):
   ``rejected_score``, ``completions`` (each answer as a one-message list) with their ``rewards``,
   ``finish_reasons``, ``gen_model``, ``rm_model`` and ``target_answer`` (when the row has a correct answer). It
   loads as DPO/SMPO data (``prompt/chosen/rejected``) and as GPO data (``prompt/completions/rewards``) as is;
-* ``<stem>.errors.jsonl``: rows whose generation failed in this run (rerun to retry them).
+* ``<stem>.errors.jsonl``: rows whose generation failed in this run (rerun to retry them); the run then fails
+  (non-zero exit) unless ``method.allow_failures`` lets that fraction of rows through.
 
 Deviations from the original: tied rows were written as pairs with chosen == rejected; they are now counted and
 kept out of the pairs. Scoring is batched by a token budget instead of a fixed batch size, and fp32 on CPU.
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignment.data.basket import BasketFields
 from alignment.inference.openai_batch import ClientConfig, SamplingConfig
+from alignment.ranges import bounded
 from alignment.task import TaskConfig
 from alignment.tools.rm_scoring import RewardScorer, RewardScorerConfig, check_reward_model_path, read_records
 
@@ -64,13 +66,13 @@ class GenerationBackend(StrEnum):
 class VllmConfig:
     """vLLM offline-engine settings (``backend=vllm``)."""
 
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = bounded(1, ge=1)
     """GPUs the engine shards the model over."""
-    gpu_memory_utilization: float = 0.7
+    gpu_memory_utilization: float = bounded(0.7, gt=0, le=1)
     """Fraction of GPU memory vLLM reserves; the rest holds the reward model."""
-    max_model_len: int | None = None
+    max_model_len: int | None = bounded(None, ge=1)
     """Context length of the engine; None: the model's."""
-    rows_in_flight: int = 256
+    rows_in_flight: int = bounded(256, ge=1)
     """Basket rows generated together; requests that arrive together run as one engine batch."""
 
 
@@ -96,10 +98,13 @@ class RejectionSamplingConfig(TaskConfig):
     """Model name sent to the server and recorded as ``gen_model``; None: ``model.name_or_path``."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """Offline-engine settings (``backend=vllm``)."""
-    tie_tolerance: float = 0.0
+    tie_tolerance: float = bounded(0.0, ge=0)
     """A row whose best and worst rewards differ by at most this is a tie: counted, not emitted as a pair."""
     output_path: str | None = None
     """Pairs JSONL; None: ``<run dir>/pairs.jsonl``. Reuse it to resume (``<stem>.scored.jsonl`` beside it)."""
+    allow_failures: float = bounded(0.0, ge=0, le=1)
+    """Fraction of the basket's rows that may fail (after retries, into the errors file) with the run still
+    succeeding; beyond it the run fails (non-zero exit), after writing the pairs of the rows that succeeded."""
 
 
 # --- one row --------------------------------------------------------------------------------------------------------
@@ -345,6 +350,7 @@ def write_pairs(scored_path: Path, pairs_path: Path, tolerance: float) -> dict[s
 
 
 def _check(cfg: RejectionSamplingConfig) -> None:
+
     check_reward_model_path(cfg.reward_model)
     if cfg.sampling.num_completions < 2:
         raise ValueError(
@@ -362,13 +368,15 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     """Validate the basket and load the reward model, then generate, score and write the pairs.
 
     Raises:
-        ValueError: no reward-model path, or fewer than 2 answers per prompt.
+        ValueError: no reward-model path, fewer than 2 answers per prompt, or ``allow_failures`` outside [0, 1].
         FileNotFoundError: the reward model's folder is missing.
         ImportError: ``backend=vllm`` without vLLM installed.
         alignment.data.validate.DataError: a bad basket row (``file:line``); nothing was generated.
+        alignment.inference.openai_batch.RowsFailedError: more rows failed than ``allow_failures`` lets through
+            (raised after the pairs file is written).
     """
     from alignment.data.basket import load_baskets
-    from alignment.inference.openai_batch import make_client
+    from alignment.inference.openai_batch import make_client, raise_if_rows_failed
 
     assert isinstance(cfg.method, RejectionSamplingConfig)
     method = cfg.method
@@ -397,4 +405,6 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
             await client.close()
 
     summary = asyncio.run(main())
-    return {**summary.metrics("generate"), **write_pairs(scored_path, pairs_path, method.tie_tolerance)}
+    metrics = {**summary.metrics("generate"), **write_pairs(scored_path, pairs_path, method.tie_tolerance)}
+    raise_if_rows_failed({errors_path: summary}, allow_failures=method.allow_failures, metrics=metrics)
+    return metrics

@@ -41,6 +41,7 @@ from alignment.data.basket import BasketFields
 from alignment.inference.openai_batch import ClientConfig, SamplingConfig
 from alignment.inference.stats import Metric
 from alignment.models.config import Dtype, TruncationSide
+from alignment.ranges import bounded
 from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from alignment.context import RunContext
     from alignment.data.basket import BasketRow
     from alignment.data.config import DataConfig, SourceConfig
+    from alignment.inference.openai_batch import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,9 @@ class RewardScorerConfig:
     """``auto``: bf16 on a bf16-capable GPU, fp32 otherwise; ``float16`` for older GPUs."""
     device: str | None = None
     """Torch device (``cuda:1``, ``cpu``); None: the first GPU if there is one, else the CPU."""
-    max_length: int = 2048
+    max_length: int = bounded(2048, ge=1)
     """Tokens per scored conversation; longer ones are cut (``truncation_side``)."""
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int = bounded(16384, ge=1)
     """Padded tokens (rows x longest) per forward pass; lower it if scoring runs out of memory."""
     truncation_side: TruncationSide = TruncationSide.left
     """Which end of an over-long conversation is cut; ``left`` keeps the answer being judged."""
@@ -114,8 +116,11 @@ class RmScoringConfig(TaskConfig):
     """``answers=data``: the conversation whose last (assistant) message is the scored answer."""
     generator_column: str = "model"
     """``answers=data``: the column naming each answer's generator; a source without it is named by its file."""
-    histogram_bins: int = 30
+    histogram_bins: int = bounded(30, ge=1)
     """Bins of each histogram, shared by all generators."""
+    allow_failures: float = bounded(0.0, ge=0, le=1)
+    """``answers=generate``: fraction of the basket's rows that may fail per generator (after retries, into its
+    errors file) with the run still succeeding; beyond it the run fails (non-zero exit) after the report."""
 
 
 # --- the reward model -----------------------------------------------------------------------------------------------
@@ -268,7 +273,7 @@ def generator_file(output_dir: Path, generator: str) -> Path:
 
 async def _generate_and_score(
     cfg: RmScoringConfig, rows: Sequence[BasketRow], generator: str, scorer: RewardScorer, path: Path
-) -> dict[str, float]:
+) -> RunSummary:
     from concurrent.futures import ThreadPoolExecutor
 
     from alignment.inference.openai_batch import api_key, generate_row, make_client, process_rows
@@ -304,7 +309,7 @@ async def _generate_and_score(
             secrets=(api_key(cfg.client),),
         )
     await client.close()
-    return summary.metrics(f"generate/{generator}")
+    return summary
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -346,6 +351,7 @@ def report(values: Mapping[str, Mapping[Metric, Sequence[float]]], output_dir: P
 
 
 def _check(cfg: RmScoringConfig) -> None:
+
     check_reward_model_path(cfg.reward_model)
     if cfg.answers is AnswerSource.generate and cfg.sampling.num_completions != 1:
         raise ValueError(
@@ -358,11 +364,15 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     """Load and validate the data and the reward model, then score (generating first if asked) and report.
 
     Raises:
-        ValueError: no reward-model path, or more than one completion per prompt asked for.
+        ValueError: no reward-model path, more than one completion per prompt asked for, or ``allow_failures``
+            outside [0, 1].
         FileNotFoundError: the reward model's folder is missing.
         alignment.data.validate.DataError: a bad data row (named by ``file:line``); nothing was generated.
+        alignment.inference.openai_batch.RowsFailedError: a generator lost more rows than ``allow_failures`` lets
+            through (raised after the report is written).
     """
     from alignment.data.basket import load_baskets
+    from alignment.inference.openai_batch import raise_if_rows_failed
 
     assert isinstance(cfg.method, RmScoringConfig)
     method = cfg.method
@@ -373,10 +383,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     scorer = RewardScorer(method.reward_model)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
+    passes: dict[Path, RunSummary] = {}
     records = score_answers(answers, scorer, ctx.output_dir / "scored.jsonl") if from_data else []
     for generator in [] if from_data else method.generators or [cfg.model.name_or_path]:
         path = generator_file(ctx.output_dir, generator)
-        metrics.update(asyncio.run(_generate_and_score(method, rows, generator, scorer, path)))
+        summary = asyncio.run(_generate_and_score(method, rows, generator, scorer, path))
+        passes[path.with_suffix(".errors.jsonl")] = summary
+        metrics.update(summary.metrics(f"generate/{generator}"))
         records.extend({**r, "model": generator} for r in read_records(path))
     metrics.update(report(collect(records), ctx.output_dir, method.histogram_bins))
+    raise_if_rows_failed(passes, allow_failures=method.allow_failures, metrics=metrics)
     return metrics

@@ -118,10 +118,25 @@ class SampleGenerationCallback(TrainerCallback):
 
 
 class MetricsJsonlCallback(TrainerCallback):
-    """Append every logged metrics dict, with step and epoch, to ``metrics.jsonl`` (main process only)."""
+    """Append every logged metrics dict, with step and epoch, to ``metrics.jsonl`` (main process only).
+
+    At the start of training the file is rewritten from the Trainer's log history: empty for a fresh run, the
+    checkpoint's records for a resumed one. Records an interrupted attempt wrote after its checkpoint (steps that
+    are trained again) and those of an attempt that never reached a checkpoint go, so the file of a resumed run
+    equals an uninterrupted run's.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """Start the file from the log history (atomically: a kill now leaves the old file or the new one)."""
+        if not state.is_world_process_zero:
+            return
+        records = (_record(int(entry["step"]), entry.get("epoch"), entry) for entry in state.log_history)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        temporary.replace(self.path)
 
     def on_log(
         self,
@@ -134,6 +149,10 @@ class MetricsJsonlCallback(TrainerCallback):
         """Write one JSON line per log event."""
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(_record(state.global_step, state.epoch, logs)) + "\n")
+
+
+def _record(step: int, epoch: float | None, logs: dict[str, Any]) -> dict[str, Any]:
+    """One line of ``metrics.jsonl``; a log-history entry (which holds ``step`` too) gives the same line."""
+    return {"step": step, "epoch": epoch, **{k: v for k, v in logs.items() if k != "step"}}

@@ -89,6 +89,25 @@ def test_bad_row_names_file_line_and_key(tmp_path: Path, bad: dict[str, Any], ex
         load_basket(path)
 
 
+def test_a_null_id_is_reported_as_null_not_missing(tmp_path: Path) -> None:
+    path = write(tmp_path, [{"id": "ok", "prompt": USER}, {"id": None, "prompt": USER}])
+    with pytest.raises(DataError) as caught:
+        load_basket(path)
+    assert f"{path}:2: column 'id': the id is null (every row needs a unique string or integer id)" in str(caught.value)
+    assert "missing" not in str(caught.value)
+
+
+def test_bad_basket_rows_say_nothing_was_sent_not_trained(tmp_path: Path) -> None:
+    path = write(tmp_path, [{"id": "a"}])
+    with pytest.raises(DataError) as caught:
+        load_basket(path)
+    assert str(caught.value).splitlines()[0] == "1 invalid row(s); nothing was sent:"
+    path = write(tmp_path, [{"id": "a", "prompt": USER}, '{"id": "b", "prompt": '])
+    with pytest.raises(DataError) as caught:
+        load_basket(path)
+    assert str(caught.value) == f"{path}:2:23: malformed JSON: Expecting value"
+
+
 def test_duplicate_ids_name_both_lines(tmp_path: Path) -> None:
     path = write(tmp_path, [{"id": "a", "prompt": USER}, {"id": "b", "prompt": USER}, {"id": "a", "prompt": USER}])
     with pytest.raises(DataError, match=re.escape(f"{path}:3: duplicate id 'a'") + r".*" + re.escape(f"{path}:1")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from alignment.data import demo
+from alignment.data import load as loading
 from alignment.data.config import SourceConfig
 from alignment.data.load import EMBEDDED_DIR, ORIGIN, load_source, resolve_path
 from alignment.data.validate import DataError
@@ -134,3 +136,90 @@ def test_empty_file(tmp_path: Path) -> None:
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="no rows"):
         load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+
+
+# --- bytes that are not what we expect ----------------------------------------------------------------------
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"messages": conversation(0)})
+    path.write_bytes((good + "\n" + '{"messages": "caf\u00e9"}' + "\n").encode("latin-1"))
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    assert str(caught.value) == f"{path}:2:18: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    rows = [{"messages": conversation(i)} for i in range(2)]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+    loaded = load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    assert loaded.train["messages"] == [conversation(0), conversation(1)]
+    assert loaded.train[ORIGIN] == [f"{path}:1", f"{path}:2"]
+
+
+def test_a_json_file_holding_an_array_is_read_with_each_element_s_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    rows = [{"messages": conversation(i)} for i in range(3)]
+    path.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(rows, indent=2).encode("utf-8"))
+    loaded = load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    assert loaded.train["messages"] == [conversation(i) for i in range(3)]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    starts = [number for number, line in enumerate(lines, start=1) if line == "  {"]
+    assert loaded.train[ORIGIN] == [f"{path}:{n}" for n in starts]
+
+
+def test_a_bad_element_of_a_json_array_is_named_by_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"messages": conversation(0)}, {"conversation": []}], indent=2), encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    starts = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line == "  {"]
+    assert f"{path}:{starts[-1]}: missing column 'messages'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[\n  {"messages": []},\n  {"messages": [}\n]\n', ":3:17: malformed JSON: Expecting value"),
+        ('[\n  {"messages": []}\n  {"messages": []}\n]\n', ":3:3: malformed JSON: Expecting ',' or ']'"),
+        ('[\n  {"messages": []},\n  [1, 2]\n]\n', ":3: expected a JSON object per array element, got list"),
+        ('[\n  {"messages": []}\n]\n{"messages": []}\n', ":4:1: malformed JSON: extra data after the array"),
+        ('[\n  {"messages": []},\n', ":3:1: malformed JSON: Expecting value"),
+    ],
+)
+def test_a_malformed_json_array_names_line_and_column(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    assert str(caught.value).startswith(f"{path}{expected}"), str(caught.value)
+
+
+def test_a_json_file_that_is_neither_lines_nor_an_array_says_what_is_expected(tmp_path: Path) -> None:
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps({"rows": [{"messages": conversation(0)}]}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    assert str(caught.value).startswith(f"{path}:1:2: malformed JSON: Expecting property name")
+    assert "one JSON object per line, or one JSON array of objects" in str(caught.value)
+
+
+def test_a_jsonl_file_holding_an_array_says_where_arrays_go(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps([{"messages": conversation(0)}], indent=2), encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path=str(path)), VALIDATE, COLUMNS)
+    assert str(caught.value) == (
+        f"{path}:1:2: malformed JSON: Expecting value (a .jsonl file holds one JSON object per line; a JSON array of "
+        "rows goes in a .json file)"
+    )
+
+
+def test_an_empty_hub_split_fails_like_an_empty_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = Dataset.from_list([{"messages": conversation(0)}])
+    splits = {"train": rows, "test": rows.select([])}
+    monkeypatch.setattr(loading, "load_dataset", lambda path, name, split: splits[split])
+    with pytest.raises(DataError, match=re.escape("org/chats[test]: no rows")):
+        load_source(SourceConfig(path="org/chats", eval_split="test"), VALIDATE, COLUMNS)

@@ -12,7 +12,15 @@ from datasets import Dataset, DatasetDict
 
 from alignment.data.config import SourceConfig
 from alignment.data.load import load_source, read_jsonl
-from alignment.data.validate import MAX_REPORTED, DataError, check_rows, message_list_problems, require_columns
+from alignment.data.validate import (
+    MAX_REPORTED,
+    ORIGIN,
+    DataError,
+    check_rows,
+    empty_split_error,
+    message_list_problems,
+    require_columns,
+)
 from alignment.methods.sft import row_problems
 
 COLUMNS = ("messages",)
@@ -34,7 +42,18 @@ def test_malformed_json_line_reports_line_and_column(tmp_path: Path) -> None:
     path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), '{"messages": [}', json.dumps(GOOD)])
     with pytest.raises(DataError) as caught:
         _load_jsonl(path)
-    assert str(caught.value) == f"{path}:2:15: malformed JSON: Expecting value; nothing was trained"
+    assert str(caught.value) == f"{path}:2:15: malformed JSON: Expecting value"
+
+
+def test_malformed_json_at_the_end_of_a_line_reports_that_column(tmp_path: Path) -> None:
+    path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), '{"messages": []', '{"messages": [], "x": '])
+    with pytest.raises(DataError) as caught:
+        list(read_jsonl(path))
+    assert str(caught.value) == f"{path}:2:16: malformed JSON: Expecting ',' delimiter"
+    path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), '{"messages": [], "x": '])
+    with pytest.raises(DataError) as caught:
+        list(read_jsonl(path))
+    assert str(caught.value) == f"{path}:2:23: malformed JSON: Expecting value"
 
 
 def test_blank_lines_are_skipped_but_counted(tmp_path: Path) -> None:
@@ -208,3 +227,33 @@ def test_require_columns() -> None:
 
 def test_check_rows_passes_clean_rows() -> None:
     check_rows([("a:1", GOOD), ("a:2", GOOD)], VALIDATE)
+
+
+def test_check_rows_says_what_the_caller_did_not_do() -> None:
+    with pytest.raises(DataError) as caught:
+        check_rows([("a:1", {"messages": []})], VALIDATE, outcome="nothing was sent")
+    assert str(caught.value).splitlines()[0] == "1 invalid row(s); nothing was sent:"
+
+
+def _origins(*origins: str) -> Dataset:
+    return Dataset.from_list([{"x": i, ORIGIN: origin} for i, origin in enumerate(origins)])
+
+
+def test_an_emptied_split_names_its_files_the_counts_and_the_reason() -> None:
+    dataset = _origins("/d/pairs.jsonl:1", "/d/pairs.jsonl:2", "hub/x[test] row 0")
+    error = empty_split_error("train", dataset, {"chosen == rejected": 40, "no token": 0}, unit="pairs")
+    assert str(error) == (
+        "train split of /d/pairs.jsonl, hub/x[test]: all 40 pairs dropped (chosen == rejected); "
+        "nothing left to train on, nothing was trained"
+    )
+    error = empty_split_error("eval", dataset, {"chosen == rejected": 3, "no token left": 2}, unit="pairs")
+    assert str(error) == (
+        "eval split of /d/pairs.jsonl, hub/x[test]: all 5 pairs dropped (3 chosen == rejected, 2 no token left); "
+        "nothing left to evaluate, nothing was trained (fix the data, or turn evaluation off: "
+        "data.eval_fraction=0 and no eval_path/eval_split)"
+    )
+
+
+def test_an_emptied_split_without_origins_still_names_the_reason() -> None:
+    error = empty_split_error("train", Dataset.from_list([{"x": 1}]), {"equal rewards": 2}, unit="groups")
+    assert str(error).startswith("train split: all 2 groups dropped (equal rewards)")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -149,3 +155,50 @@ def test_finish_cuts_at_end_of_turn_token_cap_and_stop_string(tiny_random_path: 
     assert (capped.tokens, capped.finish_reason) == (2, "length")
     assert engine._finish(words, job(50, [" three"])).text == " one two"
     assert engine._finish(words, job(50, [" three"])).finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def solo_server(tiny_random_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server of this module's own, one request per batch: a request still generating holds up the next one."""
+    from alignment.inference.server import running_server
+
+    log_path: Path = tmp_path_factory.mktemp("solo_server") / "server.log"
+    args = ["--threads", "1", "--max-batch-size", "1"]
+    with running_server(MODEL, extra_args=args, log_path=log_path) as base_url:
+        yield base_url
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 120.0) -> Any:
+    """Poll ``condition`` until it is truthy (returned) or fail after a deadline far beyond the expected time."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.05)
+    return value
+
+
+def test_a_client_that_disconnects_frees_its_batch_slot(solo_server: str) -> None:
+    """A client drops a request once it is generating: the server stops it and answers the next one at once.
+
+    The dropped request asks for 100k tokens (minutes of generation); uncancelled, it would hold the only batch slot
+    and the follow-up would time out.
+    """
+    before = get(solo_server, "/health")
+    url = urlsplit(solo_server)
+    body = json.dumps(ask("Tell me a very long story.", max_tokens=100_000, temperature=0)).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_for(lambda: get(solo_server, "/health")["batches"] > before["batches"], "the long request started")
+    # The socket is closed: the client went away mid-generation.
+
+    async def follow_up() -> Any:
+        async with client(solo_server, timeout=120.0) as c:
+            return await c.chat.completions.create(**ask("Hi", max_tokens=4, temperature=0))
+
+    response = asyncio.run(follow_up())
+    assert response.choices[0].finish_reason in ("stop", "length")
+    health = wait_for(lambda: (h := get(solo_server, "/health"))["generating"] == 0 and h, "the server went idle")
+    assert health["cancelled"] == before.get("cancelled", 0) + 1
+    assert health["batches"] == before["batches"] + 2

@@ -341,7 +341,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(compose: Any, tmp_path
 
     resumed_dir = tmp_path / "resumed"
     _run(compose, resumed_dir, [*overrides, f"method.resume_from_checkpoint='{checkpoint}'"])
-    assert [e["step"] for e in read_logs(resumed_dir) if "loss" in e] == [3, 4]  # it really started at step 2
+    # metrics.jsonl starts from the checkpoint's log history (steps 1-2, as written then), then steps 3-4 trained
+    assert [e["step"] for e in read_logs(resumed_dir) if "loss" in e] == [1, 2, 3, 4]
+    assert read_logs(resumed_dir)[:2] == read_logs(full_dir)[:2]
     assert not any(
         "eval_loss" in e for e in read_logs(full_dir)
     )  # eval_strategy=no: no evaluation, not even at the end

@@ -121,3 +121,44 @@ def test_the_real_tiny_model_is_cached_and_not_rebuilt(tiny_random_path: str, mo
 
     monkeypatch.setitem(embedded._BUILDERS, embedded.TINY_RANDOM, must_not_run)
     assert embedded.resolve(TINY) == tiny_random_path
+
+
+# --- the tokenizer alone: what data checks need, without any weights ----------------------------------------------
+
+
+def must_not_build(out: Path) -> None:
+    raise AssertionError("built model weights where only a tokenizer was needed")
+
+
+def test_a_tokenizer_is_materialised_alone_and_the_tiny_model_never_dequantises_smollm2(
+    cache: Path, tiny_random_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an empty cache a run's tokenizer costs no weights, and the tiny model reuses it.
+
+    The tiny model's build used to de-quantise SmolLM2 (28 s, 517 MB) for the tokenizer alone.
+    """
+    from transformers import AutoTokenizer
+
+    monkeypatch.setitem(embedded._BUILDERS, embedded.SMOLLM2, must_not_build)
+    real_tiny = embedded._BUILDERS[embedded.TINY_RANDOM]
+    monkeypatch.setitem(embedded._BUILDERS, embedded.TINY_RANDOM, must_not_build)
+    folder = embedded.resolve_tokenizer(TINY)
+    assert folder == embedded.resolve_tokenizer(embedded.PREFIX + embedded.SMOLLM2)
+    assert list(cache.rglob("*.safetensors")) == []
+    assert list(cache.rglob("config.json")) == []
+    tokenizer, expected = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(tiny_random_path)
+    assert tokenizer.get_vocab() == expected.get_vocab()
+    assert tokenizer.chat_template == expected.chat_template
+    assert tokenizer.special_tokens_map == expected.special_tokens_map
+
+    monkeypatch.setitem(embedded._BUILDERS, embedded.TINY_RANDOM, real_tiny)
+    built = embedded.resolve(TINY)
+    assert (Path(built) / "model.safetensors").exists()
+    assert not (cache / "models" / embedded.SMOLLM2).exists()
+    assert embedded.resolve_tokenizer(TINY) == built  # a built model folder holds its tokenizer
+
+
+def test_resolve_tokenizer_passes_other_references_through_and_rejects_unknown_names() -> None:
+    assert embedded.resolve_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(embedded.EmbeddedModelError, match="unknown embedded model 'gpt-5'"):
+        embedded.resolve_tokenizer("embedded:gpt-5")

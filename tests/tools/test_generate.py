@@ -149,3 +149,60 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(local_server: s
     metrics = json.loads((tmp_path / "second" / "results.json").read_text(encoding="utf-8"))
     resumed = len(before.rsplit(b"\n", 1)[0].splitlines())
     assert (metrics["generate/rows_resumed"], metrics["generate/rows_written"]) == (resumed, len(ids) - resumed)
+
+
+def dead_url() -> str:
+    """A loopback URL nothing listens on (a port just found free): every request fails to connect at once."""
+    from alignment.inference.server import free_port
+
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def test_failed_rows_fail_the_run_and_the_summary_is_still_written(tmp_path: Path) -> None:
+    """Against a dead port every row fails: the run exits non-zero, naming the count and the errors file."""
+    run_dir = tmp_path / "run"
+    args = generate_args(dead_url(), "data=demo_basket", "method.client.max_retries=0", f"hydra.run.dir={run_dir}")
+    result = launch(args, cwd=tmp_path)
+    assert result.returncode != 0, result.stderr[-3000:]
+    errors = run_dir / "generations.errors.jsonl"
+    assert "RowsFailedError" in result.stderr
+    assert f"24 of 24 rows failed (method.allow_failures=0.0 allows 0); reasons in {errors}" in result.stderr
+    assert "first: APIConnectionError: Connection error." in result.stderr
+    assert len(read_jsonl(errors)) == 24
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    assert results["status"] == "failed"
+    assert results["error"]["type"] == "RowsFailedError"
+    assert (results["generate/rows_written"], results["generate/rows_failed"]) == (0, 24)
+
+
+def test_allow_failures_lets_a_fraction_of_rows_fail(tmp_path: Path, compose: Any) -> None:
+    from alignment.config import to_run_config
+    from alignment.context import RunContext
+    from alignment.inference.openai_batch import RowsFailedError
+    from alignment.tools import generate
+
+    overrides = ["data=demo_basket", "method.client.max_retries=0", "method.allow_failures=1.0"]
+    cfg = to_run_config(compose(generate_args(dead_url(), *overrides)))
+    metrics = generate.run(cfg, RunContext(tmp_path, "run", None))
+    assert (metrics["generate/rows_written"], metrics["generate/rows_failed"]) == (0, 24)
+    cfg.method.allow_failures = 0.95  # 22.8 of 24 rows may fail, 24 did
+    with pytest.raises(RowsFailedError, match=r"24 of 24 rows failed \(method.allow_failures=0.95 allows 22\)"):
+        generate.run(cfg, RunContext(tmp_path, "run", None))
+    with pytest.raises(ValueError, match=r"method.allow_failures must be in \[0(\.0)?, 1(\.0)?\], got 1.5"):
+        to_run_config(compose(generate_args(dead_url(), "data=demo_basket", "method.allow_failures=1.5")))
+
+
+@pytest.mark.parametrize(("failed", "allowed"), [(0, 0.0), (6, 0.25), (24, 1.0)])
+def test_failures_within_the_allowed_fraction_pass(tmp_path: Path, failed: int, allowed: float) -> None:
+    from alignment.inference.openai_batch import RowsFailedError, RunSummary, raise_if_rows_failed
+
+    def summary(rows_failed: int) -> RunSummary:
+        return RunSummary(24, 0, 24 - rows_failed, rows_failed, 0, 0, 1.0)
+
+    errors = tmp_path / "x.errors.jsonl"
+    errors.write_text('{"id": 1, "error_type": "APIStatusError", "error": "boom"}\n', encoding="utf-8")
+    raise_if_rows_failed({errors: summary(failed)}, allow_failures=allowed, metrics={})
+    if failed < 24:
+        with pytest.raises(RowsFailedError, match="first: APIStatusError: boom") as caught:
+            raise_if_rows_failed({errors: summary(failed + 1)}, allow_failures=allowed, metrics={"m": 1.0})
+        assert caught.value.metrics == {"m": 1.0}

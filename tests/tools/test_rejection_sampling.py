@@ -244,6 +244,22 @@ def test_one_completion_is_not_enough(tmp_path: Path, reward_model_dir: Path) ->
         rejection_sampling.run(cfg, RunContext(tmp_path / "run", "test", None))
 
 
+def test_failed_rows_fail_the_run_after_the_pairs_are_written(tmp_path: Path, reward_model_dir: Path) -> None:
+    """Nothing listens at the URL: every row fails, the run raises, the (empty) pairs file is still written."""
+    from alignment.inference.openai_batch import RowsFailedError
+    from alignment.inference.server import free_port
+
+    basket = _write_jsonl(tmp_path / "basket.jsonl", BASKET)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = to_run_config(_compose_rs(basket, reward_model_dir, url, tmp_path, "method.client.max_retries=0"))
+    with pytest.raises(RowsFailedError, match=r"4 of 4 rows failed .*pairs.errors.jsonl") as caught:
+        rejection_sampling.run(cfg, RunContext(tmp_path / "run", "test", None))
+    assert (caught.value.metrics["generate/rows_failed"], caught.value.metrics["rs/pairs"]) == (4, 0)
+    assert (tmp_path / "run" / "pairs.jsonl").read_text() == ""
+    cfg.method.allow_failures = 1.0
+    assert rejection_sampling.run(cfg, RunContext(tmp_path / "run", "test", None))["generate/rows_failed"] == 4
+
+
 # --- pure parts ---------------------------------------------------------------------------------------------------
 
 

@@ -208,3 +208,25 @@ def test_missing_reward_model_fails_before_generation(compose: Any, tmp_path: Pa
 def test_several_completions_rejected(compose: Any, tmp_path: Path, reward_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="num_completions=3: RM scoring scores one answer per prompt"):
         _run(compose, tmp_path, [f"method.reward_model.path={reward_model_dir}", "method.sampling.num_completions=3"])
+
+
+def test_failed_rows_fail_the_run_after_the_statistics_are_written(
+    compose: Any, tmp_path: Path, reward_model_dir: Path
+) -> None:
+    """Nothing listens at the URL: every row of both generators fails; the report is written, then the run raises."""
+    from alignment.inference.openai_batch import RowsFailedError
+    from alignment.inference.server import free_port
+
+    overrides = [
+        f"method.reward_model.path={reward_model_dir}",
+        f"method.client.base_url=http://127.0.0.1:{free_port()}/v1",
+        "method.client.max_retries=0",
+        "method.generators=[gen-a,gen-b]",
+        "data=demo_basket",
+    ]
+    with pytest.raises(RowsFailedError, match=r"24 of 24 rows failed .*gen-a.errors.jsonl.*gen-b.errors") as caught:
+        _run(compose, tmp_path, overrides)
+    assert caught.value.metrics["generate/gen-b/rows_failed"] == 24
+    assert (tmp_path / "run" / "rm_scoring.json").is_file()
+    metrics = _run(compose, tmp_path, [*overrides, "method.allow_failures=1.0"])
+    assert metrics["generate/gen-a/rows_failed"] == 24

@@ -46,8 +46,16 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from alignment.data.chat_template import IGNORE_INDEX, Message, tokenize_conversation
-from alignment.data.validate import ORIGIN, DataError, RowChecks, message_list_problems, require_columns
+from alignment.data.validate import (
+    ORIGIN,
+    DataError,
+    RowChecks,
+    empty_split_error,
+    message_list_problems,
+    require_columns,
+)
 from alignment.models.config import ReferenceKind
+from alignment.ranges import bounded, check_fields
 from alignment.task import MethodConfig, TaskConfig
 
 if TYPE_CHECKING:
@@ -99,7 +107,7 @@ class GpoConfig(MethodConfig):
     aggregation: TokenAggregation = TokenAggregation.sequence_mean
     """``sequence_mean``: token mean per completion, mean per group, mean over groups (the original);
     ``token_sum``: sum over tokens divided by the step's completion tokens (Dr. GRPO)."""
-    kl_beta: float = 0.0
+    kl_beta: float = bounded(0.0, ge=0)
     """Weight of the k3 KL estimate to the reference per token; 0 loads no reference."""
     reference: ReferenceKind = ReferenceKind.auto
     """Where reference log-probs come from when ``kl_beta`` > 0: a frozen copy, the policy without adapters, or
@@ -107,15 +115,15 @@ class GpoConfig(MethodConfig):
     advantage_scale: AdvantageScale = AdvantageScale.group
     """Divide group-centred rewards by the group's population std (GRPO), by the std of all rewards of the split
     (the offline analogue of TRL's ``scale_rewards=batch``), or by nothing (Dr. GRPO)."""
-    advantage_epsilon: float = 1e-4
+    advantage_epsilon: float = bounded(1e-4, ge=0)
     """Added to the std before dividing."""
-    max_length: int = 1024
+    max_length: int = bounded(1024, ge=1)
     """Tokens per prompt + completion; a longer completion loses its tail (counted and logged)."""
     per_device_train_batch_size: int = 8
     """Groups (prompts, each with all its completions) per micro-batch when ``max_tokens_per_batch`` is None."""
     per_device_eval_batch_size: int = 8
     """Groups per evaluation batch."""
-    max_tokens_per_batch: int | None = 4096
+    max_tokens_per_batch: int | None = bounded(4096, ge=1)
     """Token budget per micro-batch: whole groups are packed up to this many tokens (a longer group trains alone).
     None: ``per_device_train_batch_size`` groups per micro-batch."""
     share_prompt: bool = True
@@ -123,10 +131,7 @@ class GpoConfig(MethodConfig):
     repeats it per completion (works with ``flash_attention_2``)."""
 
     def __post_init__(self) -> None:
-        if self.kl_beta < 0:
-            raise ValueError(f"method.kl_beta must be >= 0, got {self.kl_beta}")
-        if self.advantage_epsilon < 0:
-            raise ValueError(f"method.advantage_epsilon must be >= 0, got {self.advantage_epsilon}")
+        check_fields(self, "method")
 
 
 # --- the loss ----------------------------------------------------------------------------------------------------
@@ -360,8 +365,13 @@ def tokenize_groups(
     max_length: int,
     scale: AdvantageScale,
     epsilon: float,
+    split: str = "train",
 ) -> tuple[Dataset, GroupStats]:
-    """Advantages, token ids and labels per group; drops (G < 2, empty) and skips (equal rewards) are counted."""
+    """Advantages, token ids and labels per group; drops (G < 2, empty) and skips (equal rewards) are counted.
+
+    Raises:
+        DataError: no group of the ``split`` is left (its files, the counts and the reasons named).
+    """
     stats = GroupStats(groups=len(dataset))
     rewards = [[float(r) for r in group] for group in dataset["rewards"]]
     small = [i for i, group in enumerate(rewards) if len(group) < 2]
@@ -375,6 +385,8 @@ def tokenize_groups(
     flat = [len(set(group)) == 1 and len(group) >= 2 for group in rewards]
     stats.zero_advantage = sum(flat)
     keep = [i for i, group in enumerate(rewards) if len(group) >= 2 and not flat[i]]
+    if not keep:
+        raise _no_groups_left(split, dataset, stats, max_length)
 
     def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         out = encode_group(tokenizer, row["prompt"], row["completions"], max_length)
@@ -404,7 +416,18 @@ def tokenize_groups(
         max_length,
         stats.truncated,
     )
+    if len(kept) == 0:
+        raise _no_groups_left(split, dataset, stats, max_length)
     return kept, stats
+
+
+def _no_groups_left(split: str, dataset: Dataset, stats: GroupStats, max_length: int) -> DataError:
+    reasons = {
+        "equal rewards: zero advantage": stats.zero_advantage,
+        "fewer than 2 completions": stats.too_small,
+        f"a completion with no token left within method.max_length={max_length}": stats.empty,
+    }
+    return empty_split_error(split, dataset, reasons, unit="groups")
 
 
 def packed_lengths(dataset: Dataset, *, share_prompt: bool) -> list[int]:
@@ -496,13 +519,16 @@ def batch_counts(batch: Mapping[str, torch.Tensor]) -> GroupCounts:
 # --- the run -------------------------------------------------------------------------------------------------
 
 
-def _tokenize_split(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, method: GpoConfig) -> tuple[Any, GroupStats]:
+def _tokenize_split(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, method: GpoConfig, split: str
+) -> tuple[Any, GroupStats]:
     return tokenize_groups(
         dataset,
         tokenizer,
         max_length=method.max_length,
         scale=method.advantage_scale,
         epsilon=method.advantage_epsilon,
+        split=split,
     )
 
 
@@ -526,15 +552,13 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     kind = resolve_kind(method.reference, cfg.model.lora.enabled) if method.kl_beta > 0 else None
     if method.share_prompt and cfg.model.attn_implementation is AttnImplementation.flash_attention_2:
         raise ValueError("method.share_prompt=true needs sdpa or eager attention; set method.share_prompt=false")
-    tokenizer = load_tokenizer(cfg.model)
     checks = row_checks(method)
     splits = build_splits(cfg.data, checks.validate, checks.columns)
-    train, train_stats = _tokenize_split(splits.train, tokenizer, method)
-    if len(train) == 0:
-        raise DataError("gpo: no group left to train on (every group has G < 2, equal rewards or no tokens)")
-    evaluation, eval_stats = (None, None) if splits.eval is None else _tokenize_split(splits.eval, tokenizer, method)
-    if evaluation is not None and len(evaluation) == 0:
-        evaluation = None
+    tokenizer = load_tokenizer(cfg.model)
+    train, train_stats = _tokenize_split(splits.train, tokenizer, method, "train")
+    evaluation, eval_stats = (
+        (None, None) if splits.eval is None else _tokenize_split(splits.eval, tokenizer, method, "eval")
+    )
     trainer = build_trainer(cfg, ctx, tokenizer, train, evaluation, kind, (train_stats, eval_stats))
     return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)
 

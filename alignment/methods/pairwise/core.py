@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from alignment.data.chat_template import IGNORE_INDEX, Message, tokenize_conversation
-from alignment.data.validate import RowChecks, message_list_problems, require_columns
+from alignment.data.validate import RowChecks, empty_split_error, message_list_problems, require_columns
 from alignment.models.config import ReferenceKind
+from alignment.ranges import bounded
 from alignment.task import MethodConfig, TaskConfig
 
 if TYPE_CHECKING:
@@ -50,9 +51,9 @@ COLUMNS = ("prompt", "chosen", "rejected", "margin")
 class PairwiseConfig(MethodConfig):
     """Settings every pairwise preference method shares (DPO, CPO, SimPO, ORPO, SMPO)."""
 
-    max_length: int = 1024
+    max_length: int = bounded(1024, ge=1)
     """Tokens per prompt + completion; longer pairs lose the completion's tail (counted and logged)."""
-    max_tokens_per_batch: int | None = None
+    max_tokens_per_batch: int | None = bounded(None, ge=1)
     """Token budget per micro-batch: pairs (both sides) are grouped up to this many tokens, at least one pair per
     micro-batch; replaces ``per_device_train_batch_size`` for training when set. None: fixed pair count."""
 
@@ -224,12 +225,17 @@ def _encode_side(
     return out.input_ids, out.labels, out.truncated
 
 
-def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+def tokenize_pairs(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *, split: str = "train"
+) -> Dataset:
     """Token ids and completion labels of both sides of every pair, with the documented truncation rule.
 
     Rule: each side is cut to ``max_length`` tokens from its end (the prompt is kept, the completion's tail is
     lost); a pair where either side keeps no completion token is dropped. Identical chosen/rejected pairs (also
     those identical once cut) carry no preference signal and are dropped too. Counts of all three are logged.
+
+    Raises:
+        DataError: every pair of the ``split`` was dropped (its files, the counts and the reasons named).
     """
     stats = PairStats()
 
@@ -271,6 +277,12 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
             stats.dropped,
             stats.identical,
         )
+    if len(kept) == 0:
+        reasons = {
+            "chosen == rejected": stats.identical,
+            f"no completion token left within method.max_length={max_length}": stats.dropped - stats.identical,
+        }
+        raise empty_split_error(split, dataset, reasons, unit="pairs")
     return kept
 
 
@@ -410,11 +422,12 @@ def run_pairwise(
     *,
     max_length: int,
     reference_kind: ReferenceKind | None,
-    token_shaper: TokenShaper | None = None,
+    make_token_shaper: Callable[[PreTrainedTokenizerBase], TokenShaper | None] | None = None,
 ) -> dict[str, float]:
     """Validate and tokenise pairs, set up the reference (None: reference-free), train, save; final metrics.
 
-    ``token_shaper`` (optional) reshapes the policy's token log-probs into :attr:`PairLogps.shaped`.
+    ``make_token_shaper`` (optional) builds, from the tokenizer, the shaper of the policy's token log-probs
+    (:attr:`PairLogps.shaped`); it runs after the data checks, like everything that needs the tokenizer.
     """
     from alignment.data.mix import build_splits
     from alignment.methods.pairwise.trainer import PairwiseTrainer
@@ -428,11 +441,12 @@ def run_pairwise(
     assert isinstance(method, MethodConfig)
     # Resolved first, so a reference that cannot work fails before any data or model is loaded.
     kind = resolve_kind(reference_kind, cfg.model.lora.enabled) if reference_kind is not None else None
-    tokenizer = load_tokenizer(cfg.model)
     checks = row_checks(method)
     splits = build_splits(cfg.data, checks.validate, checks.columns)
+    tokenizer = load_tokenizer(cfg.model)
+    token_shaper = make_token_shaper(tokenizer) if make_token_shaper is not None else None
     train = tokenize_pairs(splits.train, tokenizer, max_length)
-    evaluation = tokenize_pairs(splits.eval, tokenizer, max_length) if splits.eval is not None else None
+    evaluation = tokenize_pairs(splits.eval, tokenizer, max_length, split="eval") if splits.eval is not None else None
     model = load_model(cfg.model, tokenizer)
     args = training_args(
         cfg, ctx, evaluation=evaluation is not None, remove_unused_columns=False, prediction_loss_only=True

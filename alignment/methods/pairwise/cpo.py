@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, TypeAlias
 
 from alignment.methods.pairwise.core import PairLogps, PairwiseConfig, PreferenceLoss, Progress
+from alignment.ranges import bounded, check_fields
 
 if TYPE_CHECKING:
     import torch
@@ -50,22 +51,21 @@ class CpoConfig(PairwiseConfig):
 
     name: str = "cpo"
     """Registry key."""
-    beta: float = 0.1
+    beta: float = bounded(0.1, gt=0)
     """Scale of the log-prob difference inside the preference term (TRL ``beta``)."""
     loss_type: CpoVariant = CpoVariant.sigmoid
     """Preference term; ``ipo`` and ``simpo`` use length-normalised log-probs."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
     """Probability ε that a pair's label is flipped (``sigmoid`` and ``simpo`` only), in [0, 0.5]."""
-    simpo_gamma: float = 0.5
+    simpo_gamma: float = bounded(0.5, ge=0)
     """SimPO target reward margin gamma (``loss_type=simpo`` only), on the β-scaled scale."""
-    cpo_alpha: float = 1.0
+    cpo_alpha: float = bounded(1.0, ge=0)
     """Weight of the chosen completions' token-mean NLL (0 gives pure SimPO with ``loss_type=simpo``)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         if self.label_smoothing and self.loss_type not in SMOOTHED:
             raise ValueError(f"method.label_smoothing applies to loss_type {sorted(SMOOTHED)}, not {self.loss_type}")
-        if not 0.0 <= self.label_smoothing <= 0.5:
-            raise ValueError(f"method.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
 
 
 # --- the pure losses -----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from alignment.methods.pairwise.core import PairLogps, PairwiseConfig, PreferenceLoss, Progress, run_pairwise
 from alignment.models.config import ReferenceKind
+from alignment.ranges import RANGE, Range, bounded, check_fields
 
 if TYPE_CHECKING:
     import torch
@@ -78,20 +79,21 @@ class DpoConfig(PairwiseConfig):
     """Registry key."""
     learning_rate: float = 1e-6
     """Peak learning rate; TRL's DPO default, for full fine-tuning (LoRA typically wants ~1e-5 to 1e-4)."""
-    beta: float = 0.1
+    beta: float = bounded(0.1, gt=0)
     """Inverse temperature of the implicit reward; larger keeps the policy closer to the reference."""
     loss_type: list[DpoLossType] = field(default_factory=lambda: [DpoLossType.sigmoid])
     """Loss terms, summed with ``loss_weights`` (e.g. ``[sigmoid, sft]`` is RPO)."""
-    loss_weights: list[float] = field(default_factory=list)
+    loss_weights: list[float] = field(default_factory=list, metadata={RANGE: Range(ge=0)})
     """Weight of each ``loss_type`` term, same length; empty means 1.0 each."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
     """Assumed label-flip rate ε of ``robust`` and ``aot*`` (cDPO form); EXO's target (must be > 0 there)."""
-    discopop_tau: float = 0.05
+    discopop_tau: float = bounded(0.05, gt=0)
     """Temperature of DiscoPOP's mixing sigmoid."""
     reference: ReferenceKind = ReferenceKind.auto
     """Where reference log-probs come from: a frozen copy, the policy without adapters, or precomputed."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         types = [DpoLossType(t) for t in self.loss_type]
         if not types:
             raise ValueError(f"method.loss_type needs at least one of {[t.value for t in DpoLossType]}")

@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from alignment.methods.pairwise.core import PairLogps, PairwiseConfig, PreferenceLoss, Progress
+from alignment.ranges import bounded
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,7 @@ class OrpoConfig(PairwiseConfig):
 
     name: str = "orpo"
     """Registry key."""
-    beta: float = 0.1
+    beta: float = bounded(0.1, ge=0)
     """Weight λ of the odds-ratio term relative to the chosen NLL (TRL ``beta``)."""
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from alignment.methods.pairwise.core import PairLogps, PairwiseConfig, PreferenceLoss, Progress
 from alignment.methods.pairwise.cpo import hinge_loss, sigmoid_loss
+from alignment.ranges import bounded, check_fields
 
 if TYPE_CHECKING:
     import torch
@@ -49,22 +50,21 @@ class SimpoConfig(PairwiseConfig):
 
     name: str = "simpo"
     """Registry key."""
-    beta: float = 2.0
+    beta: float = bounded(2.0, gt=0)
     """Scale of the length-normalised log-prob difference (the reward scale)."""
-    gamma: float = 0.5
+    gamma: float = bounded(0.5, ge=0)
     """Target reward margin gamma, on the β-scaled scale (``gamma/β`` is the repository's ``gamma_beta_ratio``)."""
     loss_type: SimpoVariant = SimpoVariant.sigmoid
     """Preference term."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)
     """Probability ε that a pair's label is flipped (``sigmoid`` only), in [0, 0.5]."""
-    sft_weight: float = 0.0
+    sft_weight: float = bounded(0.0, ge=0)
     """Weight of the chosen completions' token-mean NLL."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         if self.label_smoothing and self.loss_type is not SimpoVariant.sigmoid:
             raise ValueError(f"method.label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
-        if not 0.0 <= self.label_smoothing <= 0.5:
-            raise ValueError(f"method.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
 
 
 VariantFn: TypeAlias = "Callable[[torch.Tensor, float, float, float], torch.Tensor]"

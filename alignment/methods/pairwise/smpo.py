@@ -47,9 +47,11 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from alignment.methods.pairwise.core import PairLogps, PairwiseConfig, PreferenceLoss, Progress, TokenShaper
+from alignment.ranges import bounded, check_fields
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
     from alignment.config import RunConfig
     from alignment.context import RunContext
@@ -73,11 +75,11 @@ class SmpoConfig(PairwiseConfig):
 
     name: str = "smpo"
     """Registry key."""
-    beta: float = 1.2
+    beta: float = bounded(1.2, gt=0)
     """Scale of the margin gap ``Δ - m_t`` (and of the logged rewards)."""
-    target_margin: float = 0.35
+    target_margin: float = bounded(0.35, ge=0)
     """Target margin m* on the difference of mean per-token log-probs (unscaled), ≥ 0."""
-    chosen_sft_ratio: float = 0.8
+    chosen_sft_ratio: float = bounded(0.8, ge=0, le=1)
     """Weight r of the chosen NLL; the rejected NLL gets 1 - r. In [0, 1]."""
     loss_type: SmpoVariant = SmpoVariant.smooth_lower_bound
     """Preference term."""
@@ -86,28 +88,19 @@ class SmpoConfig(PairwiseConfig):
     invert_rejected_eos: bool = False
     """Negate the log-prob of the tokenizer's EOS token in rejected completions (preference term only), so that
     lowering the rejected likelihood does not teach the model to avoid ending. Off in the original (no effect)."""
-    lower_clip_percentile: float | None = None
+    lower_clip_percentile: float | None = bounded(None, gt=0, le=0.5)
     """Winsorise each rejected sequence's token log-probs from below at this quantile of that sequence's own
     completion tokens (a fraction in (0, 0.5], detached; preference term only). None: off. The original's default
     0.02 had no effect."""
-    upper_clip_percentile: float | None = None
+    upper_clip_percentile: float | None = bounded(None, ge=0.5, lt=1)
     """Winsorise each chosen sequence's token log-probs from above at this quantile of that sequence's own
     completion tokens (a fraction in [0.5, 1), detached; preference term only). None: off."""
-    min_log_prob: float | None = None
+    min_log_prob: float | None = bounded(None, lt=0)
     """Floor on each rejected token log-prob (< 0), applied after the winsorising (preference term only). None: off.
     The original's default -2.3 (about ln 0.1) had no effect."""
 
     def __post_init__(self) -> None:
-        if self.target_margin < 0:
-            raise ValueError(f"method.target_margin must be >= 0, got {self.target_margin}")
-        if not 0.0 <= self.chosen_sft_ratio <= 1.0:
-            raise ValueError(f"method.chosen_sft_ratio must be in [0, 1], got {self.chosen_sft_ratio}")
-        if self.lower_clip_percentile is not None and not 0.0 < self.lower_clip_percentile <= 0.5:
-            raise ValueError(f"method.lower_clip_percentile must be in (0, 0.5], got {self.lower_clip_percentile}")
-        if self.upper_clip_percentile is not None and not 0.5 <= self.upper_clip_percentile < 1.0:
-            raise ValueError(f"method.upper_clip_percentile must be in [0.5, 1), got {self.upper_clip_percentile}")
-        if self.min_log_prob is not None and not self.min_log_prob < 0.0:
-            raise ValueError(f"method.min_log_prob must be < 0, got {self.min_log_prob}")
+        check_fields(self, "method")
 
     @property
     def shapes_tokens(self) -> bool:
@@ -286,18 +279,17 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
 
     method = cfg.method
     assert isinstance(method, SmpoConfig)
-    eos_token_id = None
-    if method.invert_rejected_eos:
-        from alignment.models.load import load_tokenizer
 
-        eos_token_id = load_tokenizer(cfg.model).eos_token_id
+    def make_token_shaper(tokenizer: PreTrainedTokenizerBase) -> TokenShaper | None:
+        return token_shaper(method, tokenizer.eos_token_id if method.invert_rejected_eos else None)
+
     return run_pairwise(
         cfg,
         ctx,
         partial(smpo_loss_fn, cfg=method),
         max_length=method.max_length,
         reference_kind=None,
-        token_shaper=token_shaper(method, eos_token_id),
+        make_token_shaper=make_token_shaper,
     )
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from alignment.data.validate import ORIGIN, DataError, RowChecks, message_list_problems, require_columns
 from alignment.models.config import ProblemType, TruncationSide
 from alignment.models.seqcls import encode, pad_batch
+from alignment.ranges import RANGE, Range, bounded, check_fields
 from alignment.task import MethodConfig, TaskConfig
 
 if TYPE_CHECKING:
@@ -71,25 +72,21 @@ class ClassificationConfig(MethodConfig):
     labels: list[str] = field(default_factory=list)
     """Label names in id order (integer labels index this list); empty: the sorted names of the train split, or
     ids ``0..max id`` named by their number when the labels are integers."""
-    class_weights: dict[str, float] = field(default_factory=dict)
+    class_weights: dict[str, float] = field(default_factory=dict, metadata={RANGE: Range(gt=0)})
     """Loss weight per label name; unlisted labels weigh 1 (CLI: ``+method.class_weights.rare=5``)."""
-    threshold: float = 0.5
+    threshold: float = bounded(0.5, gt=0, lt=1)
     """multilabel: a label is predicted when its sigmoid probability is at least this."""
-    max_length: int = 1024
+    max_length: int = bounded(1024, ge=1)
     """Tokens per sequence; longer ones are cut (counted and logged)."""
     truncation_side: TruncationSide = TruncationSide.right
     """Which end of a sequence longer than ``max_length`` is cut; the score is read at the last kept token."""
-    max_tokens_per_batch: int | None = None
+    max_tokens_per_batch: int | None = bounded(None, ge=1)
     """Token budget per training micro-batch (whole examples, at least one); None: ``per_device_train_batch_size``."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"method.threshold must be in (0, 1), got {self.threshold}")
+        check_fields(self, "method")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"method.labels has duplicates: {self.labels}")
-        bad = {k: v for k, v in self.class_weights.items() if not v > 0}
-        if bad:
-            raise ValueError(f"method.class_weights must be > 0, got {bad}")
 
 
 # --- losses -----------------------------------------------------------------------------------------------------

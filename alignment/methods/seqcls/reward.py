@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignment.data.validate import empty_split_error
 from alignment.methods.pairwise.core import PairwiseConfig, split_implicit_prompt
 from alignment.models.config import TruncationSide
 from alignment.models.seqcls import encode, pad_batch
+from alignment.ranges import bounded, check_fields
 
 if TYPE_CHECKING:
     import torch
@@ -48,14 +50,13 @@ class RewardConfig(PairwiseConfig):
 
     name: str = "reward"
     """Registry key."""
-    center_rewards_coefficient: float = 0.0
+    center_rewards_coefficient: float = bounded(0.0, ge=0)
     """Weight c of the centring term c·(r_w + r_l)², which keeps scores near 0 (0 disables; TRL configs use 0.01)."""
     truncation_side: TruncationSide = TruncationSide.left
     """Which end of a sequence longer than ``max_length`` is cut; ``left`` keeps the answer being judged."""
 
     def __post_init__(self) -> None:
-        if self.center_rewards_coefficient < 0:
-            raise ValueError(f"method.center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+        check_fields(self, "method")
 
 
 def bt_loss(
@@ -92,13 +93,21 @@ def bt_loss(
 
 
 def tokenize_reward_pairs(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_length: int, truncation_side: TruncationSide
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    truncation_side: TruncationSide,
+    split: str = "train",
 ) -> Dataset:
     """``chosen_input_ids``/``rejected_input_ids`` (full conversations) and ``margin`` per pair.
 
     Each side is ``prompt + completion`` tokenised by :func:`alignment.models.seqcls.encode`, the path scoring
     uses. Pairs whose sides are the same tokens (also once cut) carry no signal and are dropped; cut and dropped
     pairs are counted and logged.
+
+    Raises:
+        DataError: every pair of the ``split`` was dropped (its files and the count named).
     """
 
     def encode_pair(row: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +139,8 @@ def tokenize_reward_pairs(
             truncation_side.value,
             identical,
         )
+    if len(kept) == 0:
+        raise empty_split_error(split, dataset, {"chosen == rejected": identical}, unit="pairs")
     return kept.remove_columns(["truncated", "identical"])
 
 
@@ -231,13 +242,13 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
 
     method = cfg.method
     assert isinstance(method, RewardConfig)
-    tokenizer = load_tokenizer(cfg.model)
     checks = row_checks(method)
     splits = build_splits(cfg.data, checks.validate, checks.columns)
+    tokenizer = load_tokenizer(cfg.model)
     length, side = method.max_length, method.truncation_side
     train = tokenize_reward_pairs(splits.train, tokenizer, max_length=length, truncation_side=side)
     evaluation = (
-        tokenize_reward_pairs(splits.eval, tokenizer, max_length=length, truncation_side=side)
+        tokenize_reward_pairs(splits.eval, tokenizer, max_length=length, truncation_side=side, split="eval")
         if splits.eval is not None
         else None
     )
