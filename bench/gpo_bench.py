@@ -110,9 +110,9 @@ def run_one(args: argparse.Namespace) -> None:
         token_logps,
         tokenize_groups,
     )
-    from alignment.methods.pairwise.core import TokenBudgetBatchSampler
     from alignment.models.config import ModelConfig
     from alignment.models.load import load_model, load_tokenizer
+    from alignment.training.trainer import TokenBudgetBatchSampler
 
     torch.manual_seed(0)
     name = {"tiny_random": "embedded:tiny-random-llama", "smollm2_135m": "embedded:smollm2-135m-instruct"}
