@@ -5,6 +5,7 @@ Examples:
     python launch.py model=llama8b data=smoltalk_mix --cfg job   # print the composed config, load nothing
     python launch.py -m method.learning_rate=1e-4,2e-4 # a local sweep into multirun/
     python launch.py -m hydra/launcher=slurm method=dpo,smpo  # one SLURM job array (conf/hydra/launcher/)
+    python launch.py experiment=optuna_smpo            # an Optuna study of SMPO's beta and learning rate
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ register_launcher_configs()
 @main(version_base="1.3", config_path="conf", config_name="config")
 def launch(cfg: DictConfig) -> float | None:
     """Convert the composed config once to the typed run object and run it; return the sweep objective."""
-    from alignment.runner import run
+    from alignment.runner import objective_value, run
 
-    metrics = run(to_run_config(cfg))
-    return metrics.get("eval_loss", metrics.get("train_loss"))
+    run_cfg = to_run_config(cfg)
+    return objective_value(run(run_cfg), run_cfg.objective)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerConfig
 from alignment.models.config import ModelConfig
 from alignment.ranges import bounded, check_ranges
-from alignment.task import TaskConfig
+from alignment.task import MethodConfig, TaskConfig, check_best_model
 
 
 @dataclass
@@ -37,6 +37,10 @@ class RunConfig:
     """Metric tracker."""
     seed: int = bounded(42, ge=0, le=2**32 - 1)
     """Seed for model init, dropout and data order (``transformers.set_seed``)."""
+    objective: str | None = None
+    """Final metric ``launch.py`` returns to a sweeper (``hydra/sweeper=optuna`` optimises it; its direction is
+    ``hydra.sweeper.direction``), e.g. ``eval_rewards/accuracies``: a key of the run's ``results.json``, and a run
+    without it fails naming the ones it has. None: ``eval_loss``, else ``train_loss``, else nothing."""
     plan: bool = False
     """Check everything a run needs (config, first data rows, model config, memory per device, the sbatch script)
     and exit without training (``python launch.py ... plan=true``)."""
@@ -79,10 +83,18 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     """The one conversion from the composed DictConfig to the typed run object.
 
     Unknown keys and out-of-range values (:mod:`alignment.ranges`) fail here, naming the full key, before any
-    ``__post_init__`` runs and before anything is loaded.
+    ``__post_init__`` runs and before anything is loaded; so do early-stopping and best-model settings that could
+    not work (:func:`~alignment.task.check_best_model`: no evaluation, checkpoints off the evaluation steps).
     """
     check_known_keys(cfg)
     check_ranges(cfg)
     run_cfg = OmegaConf.to_object(cfg)
     assert isinstance(run_cfg, RunConfig)
+    if isinstance(run_cfg.method, MethodConfig):
+        check_best_model(run_cfg.method, evaluation=has_eval_split(run_cfg.data))
     return run_cfg
+
+
+def has_eval_split(data: DataConfig) -> bool:
+    """Whether the mixture will have an eval split: a held-out fraction, or a source's own eval file or split."""
+    return data.eval_fraction > 0 or any(s.eval_path is not None or s.eval_split is not None for s in data.sources)

@@ -2,11 +2,12 @@
 
 The plan (1) has already validated the whole config (composition and conversion run the schema checks), then
 (2) runs the same distributed checks a real run runs before it starts ranks, (3) reads and validates the first
-:data:`PLAN_ROWS` rows of every data source with the method's own row validator, (4) loads the tokenizer and the
-model *config* (no weights; the parameter count comes from a meta-device model), (5) estimates parameter, gradient
-and optimizer memory per device for the backend and precision, and (6) prints the sbatch script the selected
-SLURM launcher would submit (or, for a local run, the equivalent torchrun line). Errors are the ones a real run
-raises. Activations are not estimated: they depend on sequence length, batch size and checkpointing.
+:data:`PLAN_ROWS` rows of every data source (converted from its format) with the method's own row validator, (4)
+loads the tokenizer and the model *config* (no weights; the parameter count comes from a meta-device model), (5)
+estimates parameter, gradient and optimizer memory per device for the backend and precision, and (6) prints the
+sbatch script the selected SLURM launcher would submit (or, for a local run, the equivalent torchrun line). Errors
+are the ones a real run raises. Activations are not estimated: they depend on sequence length, batch size and
+checkpointing.
 """
 
 from __future__ import annotations
@@ -67,16 +68,19 @@ def _arrow_rows(source: SourceConfig, split: str) -> Iterator[tuple[str, dict[st
         yield f"{source.path}[{split}] row {i}", _renamed(row, source.columns)
 
 
-def source_rows(source: SourceConfig) -> list[tuple[str, dict[str, Any]]]:
+Rows = list[tuple[str, dict[str, Any]]]
+
+
+def source_rows(source: SourceConfig) -> tuple[Rows, Rows]:
     """The first rows of a source's train part and of its eval file/split, each with its location."""
     from alignment.data.config import JSON_SUFFIXES
     from alignment.data.load import resolve_path
 
     if resolve_path(source.path).endswith(JSON_SUFFIXES):
         rows = list(_jsonl_rows(source.path, source))
-        return rows + (list(_jsonl_rows(source.eval_path, source)) if source.eval_path else [])
+        return rows, list(_jsonl_rows(source.eval_path, source)) if source.eval_path else []
     rows = list(_arrow_rows(source, source.split))
-    return rows + (list(_arrow_rows(source, source.eval_split)) if source.eval_split else [])
+    return rows, list(_arrow_rows(source, source.eval_split)) if source.eval_split else []
 
 
 def check_data(cfg: RunConfig) -> list[str]:
@@ -85,6 +89,8 @@ def check_data(cfg: RunConfig) -> list[str]:
     Raises:
         DataError: a row is malformed or fails the method's validator (same message format as a real run).
     """
+    from alignment.data.config import SourceFormat
+    from alignment.data.formats import resolve_format
     from alignment.data.validate import DataError, check_rows
     from alignment.registry import METHODS
 
@@ -92,12 +98,16 @@ def check_data(cfg: RunConfig) -> list[str]:
     found = row_checks(cfg.method) if row_checks is not None else None
     lines = []
     for source in cfg.data.sources:
-        rows = source_rows(source)
-        if not rows:
+        train, evaluation = source_rows(source)
+        rows = train + evaluation
+        if not train:
             raise DataError(f"data source {source.path!r}: no rows")
         if found is not None:
-            check_rows(rows, found.validate)
-            lines.append(f"{source.path}: first {len(rows)} rows valid (columns {', '.join(found.columns)})")
+            first = [row for _, row in train]  # the rows a run detects the format from (PLAN_ROWS >= DETECT_ROWS)
+            row_format = resolve_format(source.format, first, source=source.path, keep=found.columns)
+            check_rows(rows, row_format.validator(found.validate))
+            converted = "" if row_format.name is SourceFormat.native else f"{row_format.name.value} format → "
+            lines.append(f"{source.path}: first {len(rows)} rows valid ({converted}columns {', '.join(found.columns)})")
         else:
             lines.append(f"{source.path}: first {len(rows)} rows read ({cfg.method.name} has no row validator)")
     return lines

@@ -29,7 +29,7 @@ from alignment.methods.pairwise import core, cpo, dpo, orpo, simpo, smpo
 from alignment.methods.seqcls import classification, reward
 from alignment.models.config import ModelConfig
 from alignment.task import TaskConfig
-from alignment.tools import dedup, generate, rejection_sampling, rm_scoring
+from alignment.tools import dedup, export, generate, rejection_sampling, rm_scoring
 
 if TYPE_CHECKING:
     from alignment.context import RunContext
@@ -61,6 +61,7 @@ METHODS: dict[str, Method] = {
     "rejection_sampling": Method(rejection_sampling.RejectionSamplingConfig, rejection_sampling.run, None),
     "rm_scoring": Method(rm_scoring.RmScoringConfig, rm_scoring.run, None),
     "dedup": Method(dedup.DedupConfig, dedup.run, None),
+    "export": Method(export.ExportConfig, export.run, None),
 }
 
 

@@ -196,3 +196,31 @@ def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, 
     ctx.results_file.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     log.info("final metrics: %s", json.dumps(metrics))
     return metrics
+
+
+class ObjectiveNotFoundError(KeyError):
+    """``objective`` names a metric the run's final results do not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
+
+
+def objective_value(metrics: dict[str, float], objective: str | None) -> float | None:
+    """What ``launch.py`` returns to the sweeper: ``metrics[objective]`` from the run's final results.
+
+    Without an ``objective``: ``eval_loss``, else ``train_loss``, else None (a data tool). Empty metrics (``plan=true``,
+    a node other than the first of a multi-node job, whose result the launcher does not read) give None.
+
+    Raises:
+        ObjectiveNotFoundError: ``objective`` is set and not among the metrics; the message lists them.
+    """
+    if not metrics:
+        return None
+    if objective is None:
+        return metrics.get("eval_loss", metrics.get("train_loss"))
+    if objective not in metrics:
+        raise ObjectiveNotFoundError(
+            f"objective={objective!r} is not among the run's final metrics (results.json); it has: "
+            f"{', '.join(sorted(metrics))}"
+        )
+    return float(metrics[objective])

@@ -114,3 +114,91 @@ class MethodConfig(TaskConfig):
     resume_from_checkpoint: str | None = None
     """``checkpoint-<step>`` folder to resume from (weights, optimizer, scheduler, RNG and data position); run with
     the same settings as the interrupted run."""
+    early_stopping_patience: int | None = bounded(None, ge=0)
+    """Stop training after this many evaluations in a row without an improvement of ``metric_for_best_model``
+    (HF ``EarlyStoppingCallback``); None or 0: off. Needs evaluations: an eval split and an ``eval_strategy``."""
+    early_stopping_threshold: float = bounded(0.0, ge=0)
+    """Least change of ``metric_for_best_model`` over the best value so far that counts as an improvement."""
+    metric_for_best_model: str | None = None
+    """Eval metric that early stopping and ``load_best_model_at_end`` compare, by its HF name (``eval_loss``,
+    ``eval_exact_match``, ``eval_rewards/accuracies``...; the ``eval_`` prefix may be left out); None:
+    ``eval_loss`` when either is on."""
+    greater_is_better: bool | None = None
+    """Whether a larger ``metric_for_best_model`` is better; None: false for a name ending in ``loss``, else true."""
+    load_best_model_at_end: bool = False
+    """Save the best evaluated checkpoint's weights as ``model/`` instead of the last step's. Needs a checkpoint at
+    every evaluation: ``save_strategy`` equal to ``eval_strategy`` and ``save_steps`` a multiple of ``eval_steps``."""
+
+
+def tracks_best_model(cfg: MethodConfig) -> bool:
+    """Whether the run compares evaluations: early stopping or ``load_best_model_at_end`` is on."""
+    return bool(cfg.early_stopping_patience) or cfg.load_best_model_at_end
+
+
+def best_model_metric(cfg: MethodConfig) -> str | None:
+    """``metric_for_best_model``, defaulting to ``eval_loss`` when the run compares evaluations."""
+    if cfg.metric_for_best_model is None and tracks_best_model(cfg):
+        return "eval_loss"
+    return cfg.metric_for_best_model
+
+
+def _step_kind(steps: float) -> str:
+    return "a fraction of the run" if steps < 1 else "a step count"
+
+
+def _save_steps_problem(cfg: MethodConfig) -> str | None:
+    """Why the checkpoints of ``steps`` saving do not fall on evaluations (HF's ``load_best_model_at_end`` rule)."""
+    save, evaluate = cfg.save_steps, cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
+    given = f"method.save_steps={save:g} and method.eval_steps={evaluate:g}"
+    if (save < 1) != (evaluate < 1):
+        return f"{given}: one is {_step_kind(save)}, the other {_step_kind(evaluate)}; give both the same way"
+    # Fractions compared in millionths, as HF does, so 0.5 is a multiple of 0.25 despite binary floats.
+    scale = 1_000_000 if save < 1 else 1
+    if round(save * scale) % round(evaluate * scale):
+        return f"{given}: save_steps must be a multiple of eval_steps (e.g. method.save_steps={evaluate:g})"
+    return None
+
+
+def best_model_problems(cfg: MethodConfig, *, evaluation: bool) -> list[str]:
+    """What keeps early stopping or ``load_best_model_at_end`` from working; empty when both are off.
+
+    Args:
+        cfg: the method's settings.
+        evaluation: whether the run has an eval split.
+    """
+    if not tracks_best_model(cfg):
+        return []
+    asked = []
+    if cfg.early_stopping_patience:
+        asked.append(f"method.early_stopping_patience={cfg.early_stopping_patience}")
+    if cfg.load_best_model_at_end:
+        asked.append("method.load_best_model_at_end=true")
+    wanted = " and ".join(asked)
+    problems = []
+    if cfg.eval_strategy is IntervalStrategy.no:
+        problems.append(f"{wanted} compares evaluations, but method.eval_strategy=no (set steps or epoch)")
+    if not evaluation:
+        problems.append(
+            f"{wanted} compares evaluations, but there is no eval split (data.eval_fraction=0 and no source sets "
+            "eval_path or eval_split)"
+        )
+    if cfg.load_best_model_at_end and cfg.eval_strategy is not IntervalStrategy.no:
+        if cfg.save_strategy is not cfg.eval_strategy:
+            problems.append(
+                f"method.load_best_model_at_end=true needs a checkpoint at every evaluation: method.save_strategy="
+                f"{cfg.save_strategy.value} must equal method.eval_strategy={cfg.eval_strategy.value}"
+            )
+        elif cfg.save_strategy is IntervalStrategy.steps and (problem := _save_steps_problem(cfg)):
+            problems.append(f"method.load_best_model_at_end=true needs a checkpoint at every evaluation: {problem}")
+    return problems
+
+
+def check_best_model(cfg: MethodConfig, *, evaluation: bool) -> None:
+    """Raise on the :func:`best_model_problems` of a method's settings, before anything loads.
+
+    Raises:
+        ValueError: every problem found, ``; ``-separated.
+    """
+    problems = best_model_problems(cfg, evaluation=evaluation)
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -34,6 +34,15 @@ def _loopback_only(self: socket.socket, address: Any) -> Any:
 socket.socket.connect = _loopback_only  # type: ignore[method-assign]
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.gpu`` tests skip, before their fixtures, where torch sees no CUDA device."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch  # only for GPU tests: collecting the others imports no ML stack
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device (marker gpu)")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """Folder of the embedded SmolLM2-135M-Instruct (built once into the project cache)."""

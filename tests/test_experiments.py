@@ -24,12 +24,13 @@ from tests.conftest import ROOT, launch
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted((CONF / "experiment").rglob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
-TOOLS = ["dedup", "generate", "rejection_sampling", "rm_scoring"]
+TOOLS = ["dedup", "export", "generate", "rejection_sampling", "rm_scoring"]
 TRAINING = [m for m in METHODS if m not in TOOLS]
 TINY = "embedded:tiny-random-llama"
 DEBUG_ROWS = 16  # data.num_train_samples in conf/experiment/debug.yaml
 # A hub id (``org/name``) or a local JSONL file, as the original configs named their models and datasets.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+DEMO_EXPERIMENTS = ("debug", "optuna_smpo")  # on the embedded model and demo data, not the original's hub ids
 
 
 def _name(path: Path) -> str:
@@ -50,6 +51,7 @@ def _own_values(path: Path) -> dict[str, Any]:
     values = OmegaConf.to_container(OmegaConf.load(path))
     assert isinstance(values, dict)
     values.pop("defaults", None)
+    values.pop("hydra", None)  # Hydra's own node (a sweeper's settings): compose() returns the job's config only
     return values
 
 
@@ -88,7 +90,7 @@ def test_experiment_composes_offline(compose: Any, path: Path) -> None:
     typed = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(run), enum_to_str=True))
     for key, value in _leaves(_own_values(path)):
         assert OmegaConf.select(typed, key) == value, f"{key} of {path.name} not applied"
-    if path.stem == "debug":
+    if path.stem in DEMO_EXPERIMENTS:
         return
     assert HUB_ID.fullmatch(run.model.name_or_path), run.model.name_or_path
     for source in run.data.sources:
@@ -198,6 +200,23 @@ def test_debug_rejection_sampling(local_server: str, debug_jobs: dict[str, Path]
         assert all(math.isfinite(r) for r in row["rewards"])
         assert row["rm_model"] == str(reward_model)
     assert (run / "pairs.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_debug_export(debug_jobs: dict[str, Path], tmp_path: Path) -> None:
+    """The debug sweep's reward model (a full sequence classifier) exported from its run directory, as is."""
+    result = launch(
+        ["experiment=debug", "method=export", f"method.source={debug_jobs['reward']}", "hydra.run.dir=run"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, _output(result)
+    model = tmp_path / "run" / "model"
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert sorted(p.name for p in model.glob("*.safetensors")) == ["model.safetensors"]
+    assert (model / "chat_template.jinja").is_file()
+    results = json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))
+    assert results["export/merged_adapter"] == 0.0
 
 
 @pytest.mark.slow

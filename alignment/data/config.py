@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from omegaconf import MISSING
 
 from alignment.ranges import bounded, check_fields
 
 JSON_SUFFIXES = (".jsonl", ".json")
+
+
+class SourceFormat(StrEnum):
+    """How a source's rows are laid out; converted on load (:mod:`alignment.data.formats`, README "Data formats")."""
+
+    auto = "auto"
+    """Detect it from the columns of the source's first rows."""
+    native = "native"
+    """The method's own columns (``messages``; ``prompt``/``chosen``/``rejected`` message lists; …), unchanged."""
+    sharegpt = "sharegpt"
+    """``conversations`` of ``{from, value}`` turns (human/gpt/system/…), optional ``system`` → ``messages``."""
+    alpaca = "alpaca"
+    """``instruction``/``input``/``output``, optional ``system`` and ``history`` pairs → ``messages``."""
+    prompt_completion = "prompt_completion"
+    """TRL's ``prompt``/``completion`` (strings or message lists) → ``messages``."""
+    preference = "preference"
+    """TRL's ``prompt``/``chosen``/``rejected`` with strings → message lists."""
+    text = "text"
+    """TRL's language-modelling ``text`` column, kept as it is."""
 
 
 @dataclass
@@ -31,6 +51,9 @@ class SourceConfig:
     """Relative probability of drawing from this source when interleaving (all sources must set one)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Renames applied on load, ``{name_in_source: name_the_method_expects}``."""
+    format: SourceFormat = SourceFormat.auto
+    """Row layout, converted on load after the renames and before validation (README "Data formats"); ``auto``
+    detects it from the first rows. The eval file or split is read in the same format."""
 
     def __post_init__(self) -> None:
         check_fields(self, f"data.sources[{self.path!r}]")

@@ -1,8 +1,9 @@
 """One source to a validated ``datasets.Dataset`` (train and optional eval part), with row origins kept.
 
 JSONL is read line by line (not through pyarrow) so that a malformed line or a bad row is reported as
-``file:line``; hub and ``save_to_disk`` datasets are reported as ``name[split] row N``. Every row is validated
-before any sampling, so a bad row anywhere fails the run before training starts.
+``file:line``; hub and ``save_to_disk`` datasets are reported as ``name[split] row N``. Rows in another format
+(ShareGPT, Alpaca, TRL's; :mod:`alignment.data.formats`) are converted here, each checked in its own format first.
+Every row is validated before any sampling, so a bad row anywhere fails the run before training starts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from alignment.data.config import JSON_SUFFIXES, SourceConfig
+from alignment.data.config import JSON_SUFFIXES, SourceConfig, SourceFormat
+from alignment.data.formats import DETECT_ROWS, RowFormat, resolve_format
 from alignment.data.validate import ORIGIN, DataError, RowValidator, check_rows
 
 EMBEDDED_PREFIX = "embedded:"
@@ -141,24 +143,39 @@ def _renamed(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, An
     return {columns.get(key, key): value for key, value in row.items()}
 
 
-def _from_jsonl(path: Path, cfg: SourceConfig, validate: RowValidator, keep: tuple[str, ...]) -> Dataset:
+def _jsonl_rows(path: Path, cfg: SourceConfig) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"data source {cfg.path!r}: no such file {path}")
     rows = [(where, _renamed(row, cfg.columns)) for where, row in read_jsonl(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
-    check_rows(rows, validate)
+    return rows
+
+
+def _from_jsonl(
+    rows: list[tuple[str, dict[str, Any]]], row_format: RowFormat, validate: RowValidator, keep: tuple[str, ...]
+) -> Dataset:
+    check_rows(rows, row_format.validator(validate))
+    converted = [(where, row_format.convert(row)) for where, row in rows]
     # Validation has checked the required columns; an optional one a row lacks (e.g. ``margin``) becomes null.
-    return Dataset.from_list([{**{c: row.get(c) for c in keep}, ORIGIN: where} for where, row in rows])
+    return Dataset.from_list([{**{c: row.get(c) for c in keep}, ORIGIN: where} for where, row in converted])
+
+
+def _renamed_split(dataset: Dataset, label: str, cfg: SourceConfig) -> Dataset:
+    if len(dataset) == 0:
+        raise DataError(f"{label}: no rows")
+    return dataset.rename_columns({k: v for k, v in cfg.columns.items() if k in dataset.column_names})
 
 
 def _from_arrow(
-    dataset: Dataset, label: str, cfg: SourceConfig, validate: RowValidator, keep: tuple[str, ...]
+    dataset: Dataset, label: str, row_format: RowFormat, validate: RowValidator, keep: tuple[str, ...]
 ) -> Dataset:
-    if len(dataset) == 0:
-        raise DataError(f"{label}: no rows")
-    dataset = dataset.rename_columns({k: v for k, v in cfg.columns.items() if k in dataset.column_names})
-    check_rows(((f"{label} row {i}", row) for i, row in enumerate(dataset)), validate)
+    check_rows(((f"{label} row {i}", row) for i, row in enumerate(dataset)), row_format.validator(validate))
+    if row_format.name is not SourceFormat.native:
+        # In memory: a save_to_disk folder or the hub cache is never written to.
+        dataset = dataset.map(
+            row_format.convert, remove_columns=dataset.column_names, keep_in_memory=True, desc="Converting"
+        )
     dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])
     for column in (c for c in keep if c not in dataset.column_names):
         dataset = dataset.add_column(column, [None] * len(dataset))
@@ -181,16 +198,28 @@ def _hf_split(cfg: SourceConfig, split: str) -> Dataset:
 
 
 def load_source(cfg: SourceConfig, validate: RowValidator, keep: tuple[str, ...]) -> SourceSplits:
-    """Load, rename, validate and keep only the ``keep`` columns (plus the origin) of one source."""
+    """Load, rename, convert from the source's format, validate and keep only the ``keep`` columns (plus the origin).
+
+    The format (``cfg.format``, or the one detected in the first rows of the train part) applies to the eval part
+    too.
+    """
     path = resolve_path(cfg.path)
     if path.endswith(JSON_SUFFIXES):
-        train = _from_jsonl(Path(path), cfg, validate, keep)
-        eval_part = _from_jsonl(Path(resolve_path(cfg.eval_path)), cfg, validate, keep) if cfg.eval_path else None
+        rows = _jsonl_rows(Path(path), cfg)
+        row_format = resolve_format(cfg.format, [row for _, row in rows[:DETECT_ROWS]], source=cfg.path, keep=keep)
+        train = _from_jsonl(rows, row_format, validate, keep)
+        eval_part = None
+        if cfg.eval_path:
+            eval_part = _from_jsonl(_jsonl_rows(Path(resolve_path(cfg.eval_path)), cfg), row_format, validate, keep)
         return SourceSplits(train, eval_part)
     label = f"{cfg.path}[{cfg.split}]"
-    train = _from_arrow(_hf_split(cfg, cfg.split), label, cfg, validate, keep)
+    dataset = _renamed_split(_hf_split(cfg, cfg.split), label, cfg)
+    first = list(dataset.select(range(min(DETECT_ROWS, len(dataset)))))
+    row_format = resolve_format(cfg.format, first, source=cfg.path, keep=keep)
+    train = _from_arrow(dataset, label, row_format, validate, keep)
     eval_part = None
     if cfg.eval_split is not None:
         eval_label = f"{cfg.path}[{cfg.eval_split}]"
-        eval_part = _from_arrow(_hf_split(cfg, cfg.eval_split), eval_label, cfg, validate, keep)
+        eval_set = _renamed_split(_hf_split(cfg, cfg.eval_split), eval_label, cfg)
+        eval_part = _from_arrow(eval_set, eval_label, row_format, validate, keep)
     return SourceSplits(train, eval_part)

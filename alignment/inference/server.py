@@ -1,25 +1,36 @@
-"""A small OpenAI-compatible chat-completions server over a transformers model, batching concurrent requests.
+"""A small OpenAI-compatible server over a transformers model: chat and text completions, streaming, log-probs.
 
 ``python -m alignment.inference.server --model embedded:smollm2-135m-instruct --port 8000`` serves
-``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /health``. It is for laptops and tests; on a GPU use
-``vllm serve <model>`` (paged attention, continuous batching, guided decoding), which the generation tools talk
-to the same way.
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` and ``GET /health``. ``--model`` is a
+hub id, an ``embedded:`` name, a model or LoRA-adapter folder, or a run directory (its ``model/``). It is for
+laptops, tests and small teachers; on a GPU fleet use ``vllm serve <model>`` (paged attention, continuous batching,
+guided decoding), which the generation tools talk to the same way.
 
 Why not ``transformers serve``: in transformers 5.24 it rejects ``n`` and ``response_format`` (both in its
 ``UNUSED_CHAT_COMPLETION_FIELDS``), runs requests one at a time unless continuous batching is on, and continuous
 batching has one generation config for all requests (a TODO in its ``chat_completion.py``) and targets CUDA.
 
-Batching: requests go to a queue; one inference thread takes the first, waits up to ``--batch-wait-ms`` for
-more (up to ``--max-batch-size`` sequences, ``n`` counting ``n`` times), groups them by sampling settings, and
-runs one left-padded ``model.generate`` per group. Each sequence is cut at its own ``max_tokens``, at the first
-end-of-turn token (``finish_reason="stop"``) or at a stop string. ``response_format`` is accepted but not
-enforced (no guided decoding here). A ``seed`` seeds the whole batch it lands in, so it is reproducible only for
-a batch of one.
+What a request may ask is checked against an allow-list per endpoint (:mod:`alignment.inference.openai_api`): a
+parameter this server cannot honour (``tools``, a ``response_format`` other than text, a non-zero penalty, a
+``logit_bias``, a content part other than text...) is answered 400 with the parameter named in ``error.param``,
+never accepted and ignored. Both endpoints take ``n``, ``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
+``stop``, ``seed`` and ``stream`` (with ``stream_options.include_usage``); chat takes ``logprobs`` and
+``top_logprobs``; completions take a prompt string, token ids or a list of either, ``logprobs`` (an int), ``echo``
+(``max_tokens=0`` with ``echo`` and ``logprobs`` scores a prompt: each token's log-prob, the first one's null).
 
-A client that disconnects before its answer is ready cancels its request: a queued one is dropped, and a
-generating one stops at the next token (each sequence of a batch also stops at its own ``max_tokens``), so the
-batch ends as soon as every sequence still wanted is done. ``GET /health`` counts batches, the requests in the
-running ``generate`` call (``generating``) and the cancelled requests (``cancelled``).
+Batching (:class:`~alignment.inference.engine.Batcher`): requests go to a queue; one inference thread takes the
+first, waits up to ``--batch-wait-ms`` for more (up to ``--max-batch-size`` sequences, ``n`` counting ``n``
+times), groups them by sampling settings, and runs one left-padded ``model.generate`` per group, streamed requests
+included. Each sequence is cut at its own ``max_tokens``, at its end-of-turn token (``finish_reason="stop"``) or at
+a stop string, and stops generating there. A ``seed`` seeds the whole batch it lands in, so it is reproducible only
+for a batch of one. Streamed responses are server-sent events in OpenAI's chunk format (``chat.completion.chunk``:
+a first chunk with the role, content deltas as tokens are generated, a chunk with ``finish_reason`` per choice, a
+usage chunk with no choices when asked, ``data: [DONE]``).
+
+A client that disconnects before its answer is complete cancels its request: a queued one is dropped, and a
+generating one stops at the next token, so the batch ends as soon as every sequence still wanted is done.
+``GET /health`` counts batches, the requests in the running ``generate`` call (``generating``) and the cancelled
+requests (``cancelled``).
 
 Embedding: :func:`build_app` returns the FastAPI app over a :class:`Batcher`; :func:`main` takes an ``app_wrapper``
 (ASGI middleware put around that app before it is served), and :func:`running_server` takes the ``command`` that
@@ -31,242 +42,53 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from alignment.inference.engine import (
+    Batcher,
+    Completion,
+    Delta,
+    Engine,
+    Event,
+    Job,
+    PromptScored,
+    SamplingKey,
+)
+from alignment.inference.openai_api import (
+    SSE_DONE,
+    ChatRequest,
+    CompletionRequest,
+    Generation,
+    RequestError,
+    chat_logprobs,
+    chat_response,
+    completion_choice,
+    completion_response,
+    error_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+    sse,
+    usage,
+)
+
+__all__ = ["Batcher", "Completion", "Engine", "Job", "SamplingKey", "build_app", "main", "running_server"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class SamplingKey:
-    """Settings that must be equal for requests to share one ``generate`` call."""
-
-    temperature: float
-    """0 is greedy."""
-    top_p: float | None
-    """Nucleus mass, None for the model default."""
-    seed: int | None
-    """Seed applied before the batch's ``generate``."""
-
-
-@dataclass
-class Completion:
-    """One generated sequence."""
-
-    text: str
-    """Decoded text (special tokens skipped)."""
-    tokens: int
-    """Generated tokens, the end-of-turn token included."""
-    finish_reason: str
-    """``stop`` (end of turn or stop string) or ``length``."""
-
-
-@dataclass
-class Job:
-    """One request waiting in the batch queue."""
-
-    prompt_ids: list[int]
-    """The rendered, tokenised conversation."""
-    n: int
-    """Completions asked for."""
-    max_tokens: int
-    """Per-completion token cap."""
-    key: SamplingKey
-    """Sampling settings."""
-    stop: list[str]
-    """Stop strings."""
-    done: Callable[[list[Completion] | BaseException], None]
-    """Called from the inference thread with the completions or the error."""
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    """Set when the client went away: the job is skipped, or its sequences stop at the next token."""
-
-
-class Engine:
-    """A causal LM and its tokenizer; renders chats and generates a batch."""
-
-    def __init__(self, model: str, dtype: str = "auto") -> None:
-        from alignment.models.config import Dtype, ModelConfig
-        from alignment.models.load import load_model, load_tokenizer
-
-        cfg = ModelConfig(name_or_path=model, dtype=Dtype(dtype))
-        self.tokenizer = load_tokenizer(cfg)
-        self.model = load_model(cfg, self.tokenizer)
-        self.model.train(False)
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = {int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
-
-    def render(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of the chat with the generation prompt appended."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids)
-
-    def generate(self, jobs: Sequence[Job]) -> list[list[Completion]]:
-        """One left-padded ``generate`` for jobs with the same :class:`SamplingKey`."""
-        import torch
-
-        key = jobs[0].key
-        rows = [job.prompt_ids for job in jobs for _ in range(job.n)]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if key.temperature > 0:
-            sampling = {"do_sample": True, "temperature": key.temperature, "top_p": key.top_p or 1.0, "top_k": 0}
-        if key.seed is not None:
-            torch.manual_seed(key.seed)
-        with torch.no_grad():
-            out = self.model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=max(job.max_tokens for job in jobs),
-                pad_token_id=pad,
-                stopping_criteria=[_row_stopper(jobs, width)],
-                **sampling,
-            )
-        sequences = iter(out[:, width:].tolist())
-        return [[self._finish(next(sequences), job) for _ in range(job.n)] for job in jobs]
-
-    def _finish(self, tokens: list[int], job: Job) -> Completion:
-        tokens = tokens[: job.max_tokens]
-        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
-        kept = tokens if end is None else tokens[:end]
-        text = str(self.tokenizer.decode(kept, skip_special_tokens=True))
-        finish = "length" if end is None else "stop"
-        cuts = [text.find(s) for s in job.stop if s and s in text]
-        if cuts:
-            text, finish = text[: min(cuts)], "stop"
-        return Completion(text=text, tokens=len(kept) + (end is not None), finish_reason=finish)
-
-
-def _row_stopper(jobs: Sequence[Job], width: int) -> Any:
-    """A ``StoppingCriteria`` marking each sequence done once its job is cancelled or has its ``max_tokens``.
-
-    ``generate`` stops when every sequence is done (at its end-of-turn token, or here), instead of running all of
-    them to the batch's largest ``max_tokens``. ``width``: the padded prompt length.
-    """
-    import torch
-    from transformers import StoppingCriteria
-
-    rows = [job for job in jobs for _ in range(job.n)]
-    caps = torch.tensor([job.max_tokens for job in rows])
-
-    class RowStop(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            cancelled = torch.tensor([job.cancelled.is_set() for job in rows])
-            done = cancelled | (caps <= input_ids.shape[1] - width)
-            return done.to(input_ids.device)
-
-    return RowStop()
-
-
-class Batcher:
-    """Collects jobs from many requests into ``generate`` calls on one inference thread."""
-
-    def __init__(self, engine: Engine, *, max_batch_size: int, batch_wait_s: float) -> None:
-        self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_s
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0
-        self.generating = 0
-        """Jobs in the ``generate`` call running now (0 when idle)."""
-        self.cancelled = 0
-        """Jobs whose client went away before the answer."""
-        self.thread = threading.Thread(target=self._loop, name="generate", daemon=True)
-        self.thread.start()
-
-    async def submit(
-        self, prompt_ids: list[int], *, n: int, max_tokens: int, key: SamplingKey, stop: list[str]
-    ) -> list[Completion]:
-        """Queue one request and wait for its completions."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Completion]] = loop.create_future()
-
-        def done(result: list[Completion] | BaseException) -> None:
-            def resolve() -> None:
-                if future.cancelled():
-                    return
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-            loop.call_soon_threadsafe(resolve)
-
-        job = Job(prompt_ids, n, max_tokens, key, stop, done)
-        self.jobs.put(job)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            self.cancelled += 1
-            raise
-
-    def close(self) -> None:
-        """Stop the inference thread after the jobs already queued."""
-        self.jobs.put(None)
-
-    def _collect(self, first: Job) -> list[Job]:
-        jobs, size = [first], first.n
-        deadline = time.monotonic() + self.batch_wait_s
-        while size < self.max_batch_size:
-            try:
-                job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                break
-            if job is None:
-                self.jobs.put(None)
-                break
-            jobs.append(job)
-            size += job.n
-        return jobs
-
-    def _loop(self) -> None:
-        while (first := self.jobs.get()) is not None:
-            groups: dict[SamplingKey, list[Job]] = {}
-            for job in self._collect(first):
-                groups.setdefault(job.key, []).append(job)
-            for group in groups.values():
-                self._run(group)
-
-    def _run(self, jobs: list[Job]) -> None:
-        self.batches += 1
-        jobs = [job for job in jobs if not job.cancelled.is_set()]
-        if not jobs:
-            return
-        self.generating = len(jobs)
-        try:
-            results = self.engine.generate(jobs)
-        except Exception as err:  # reported to each waiting request as a 500, the server keeps serving
-            log.exception("generation failed for a batch of %d request(s)", len(jobs))
-            for job in jobs:
-                job.done(err)
-            return
-        finally:
-            self.generating = 0
-        for job, completions in zip(jobs, results, strict=True):
-            job.done(completions)
+T = TypeVar("T")
 
 
 async def _disconnected(request: Request) -> None:
@@ -275,7 +97,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[list[Completion]]) -> list[Completion] | None:
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """``work``'s result; None, with ``work`` cancelled, when the client disconnects first."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -291,72 +113,200 @@ async def _unless_disconnected(request: Request, work: Awaitable[list[Completion
     return task.result()
 
 
-def _error_body(message: str, kind: str, code: int) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+class _EventStream(StreamingResponse):
+    """Server-sent events from an async generator, closed however the response ends.
+
+    When the client disconnects, Starlette stops the response but may leave the generator suspended at a ``yield``;
+    closing it runs its ``finally`` blocks, which cancel the generation nobody reads any more.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache"})
+        self.events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
 
 
-def _sampling_key(body: dict[str, Any]) -> SamplingKey:
-    temperature = body.get("temperature")
-    return SamplingKey(float(1.0 if temperature is None else temperature), body.get("top_p"), body.get("seed"))
-
-
-def _stops(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    return [stop] if isinstance(stop, str) else list(stop or [])
-
-
-def _max_tokens(body: dict[str, Any]) -> Any:
-    for key in ("max_completion_tokens", "max_tokens"):
-        if body.get(key) is not None:
-            return body[key]
-    return DEFAULT_MAX_TOKENS
-
-
-def _problems(body: Any, served: str) -> tuple[int, str] | None:
-    if not isinstance(body, dict):
-        return 400, "the request body must be a JSON object"
-    if body.get("model") != served:
-        return 404, f"model {body.get('model')!r} is not served here; this server serves {served!r}"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return 400, "'messages' must be a non-empty list of {role, content} objects"
-    if body.get("stream"):
-        return 400, "streaming is not supported by this server"
-    n = 1 if body.get("n") is None else body["n"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return 400, f"'n' must be a positive integer, got {n!r}"
-    tokens = _max_tokens(body)
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-        return 400, f"'max_tokens' must be a positive integer, got {tokens!r}"
-    return None
-
-
-def _response(served: str, prompt_tokens: int, completions: list[Completion]) -> dict[str, Any]:
-    generated = sum(c.tokens for c in completions)
+def _engine_options(generation: Generation, top_logprobs: int | None, score_prompt: bool) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": served,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            for i, c in enumerate(completions)
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": generated,
-            "total_tokens": prompt_tokens + generated,
-        },
+        "n": generation.n,
+        "max_tokens": generation.max_tokens,
+        "key": generation.key,
+        "stop": generation.stop,
+        "top_logprobs": top_logprobs,
+        "score_prompt": score_prompt,
     }
 
 
+def _stream_failed(err: Exception) -> bytes:
+    log.error("generation failed mid-stream: %s", err)
+    return sse(error_body(f"generation failed: {err}", kind="server_error", code=500))
+
+
+async def _chat_events(
+    batcher: Batcher, served: str, chat: ChatRequest, prompt_ids: list[int]
+) -> AsyncGenerator[bytes, None]:
+    """The ``chat.completion.chunk`` events of a streamed chat completion."""
+    generation = chat.generation
+    head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()), "model": served}
+    extra = {"usage": None} if generation.include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({**head, "choices": [choice], **extra})
+
+    for index in range(generation.n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    completions: list[Completion] = []
+    try:
+        options = _engine_options(generation, chat.top_logprobs, score_prompt=False)
+        async with aclosing(batcher.stream([prompt_ids], **options)) as events:
+            async for _, event in events:
+                if isinstance(event, list):
+                    completions = event
+                elif isinstance(event, Delta):
+                    if event.text or event.logprobs:
+                        logprobs = None if chat.top_logprobs is None else chat_logprobs(event.logprobs)
+                        yield chunk(event.index, {"content": event.text}, logprobs)
+                    if event.finish_reason is not None:
+                        yield chunk(event.index, {}, None, event.finish_reason)
+    except Exception as err:  # the stream has started: the error goes in the stream, as OpenAI's does
+        yield _stream_failed(err)
+        return
+    if generation.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), completions)})
+    yield SSE_DONE
+
+
+def _completion_chunks(
+    request: CompletionRequest, texts: list[str], prompt: int, event: Event
+) -> Iterator[dict[str, Any]]:
+    """The ``choices`` entries that one engine event of prompt ``prompt`` makes in a streamed completion."""
+    n = request.generation.n
+    if isinstance(event, PromptScored):  # echo with logprobs: the prompt and its log-probs come first
+        for j in range(n):
+            yield completion_choice(prompt * n + j, texts[prompt], event.logprobs, None)
+        return
+    index = prompt * n + event.index
+    if event.text or event.logprobs:
+        entries = event.logprobs if request.logprobs is not None else None
+        offset = len(texts[prompt]) if request.echo else 0
+        yield completion_choice(index, event.text, entries, None, offset)
+    if event.finish_reason is not None:
+        yield completion_choice(index, "", None, event.finish_reason)
+
+
+async def _completion_events(
+    batcher: Batcher, served: str, request: CompletionRequest, prompts: list[list[int]], texts: list[str]
+) -> AsyncGenerator[bytes, None]:
+    """The ``text_completion`` events of a streamed completion; choice ``p * n + j`` is prompt ``p``'s ``j``-th."""
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": served}
+    extra = {"usage": None} if request.generation.include_usage else {}
+    if request.echo and request.logprobs is None:  # nothing to wait for: the prompt is echoed at once
+        for prompt, text in enumerate(texts):
+            for j in range(request.generation.n):
+                choice = completion_choice(prompt * request.generation.n + j, text, None, None)
+                yield sse({**head, "choices": [choice], **extra})
+    results: list[Completion] = []
+    try:
+        score = request.echo and request.logprobs is not None
+        async with aclosing(
+            batcher.stream(prompts, **_engine_options(request.generation, request.logprobs, score))
+        ) as events:
+            async for prompt, event in events:
+                if isinstance(event, list):
+                    results.extend(event)
+                    continue
+                for choice in _completion_chunks(request, texts, prompt, event):
+                    yield sse({**head, "choices": [choice], **extra})
+    except Exception as err:  # the stream has started: the error goes in the stream
+        yield _stream_failed(err)
+        return
+    if request.generation.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(sum(len(p) for p in prompts), results)})
+    yield SSE_DONE
+
+
+def _prompt_ids(engine: Engine, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt (token prompts are decoded, special tokens kept, for ``echo``)."""
+    ids, texts = [], []
+    for prompt in request.prompts:
+        if isinstance(prompt, str):
+            ids.append(engine.encode(prompt, add_special_tokens=request.add_special_tokens))
+            texts.append(prompt)
+            continue
+        if any(not 0 <= token < engine.vocab_size for token in prompt):
+            raise RequestError(
+                f"'prompt' has token ids outside the vocabulary (0 to {engine.vocab_size - 1})", "prompt"
+            )
+        ids.append(list(prompt))
+        texts.append(str(engine.tokenizer.decode(prompt, skip_special_tokens=False)))
+    if any(not p for p in ids):
+        raise RequestError("'prompt' tokenises to no tokens", "prompt")
+    return ids, texts
+
+
+async def _read(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+
+
+def _error(err: RequestError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+_GONE = RequestError("the client disconnected before the answer was ready", status=499)
+"""Nobody reads this answer; 499 is nginx's "client closed request"."""
+
+
+async def _chat(batcher: Batcher, served: str, request: Request) -> Response:
+    try:
+        body = parse_chat(await _read(request), served)
+    except RequestError as err:
+        return _error(err)
+    try:
+        prompt_ids = batcher.engine.render(body.messages)
+    except Exception as err:  # a template error is the client's request, not a server fault
+        return _error(RequestError(f"the chat template rejected the messages: {err}", "messages"))
+    if body.generation.stream:
+        return _EventStream(_chat_events(batcher, served, body, prompt_ids))
+    generation = batcher.submit(prompt_ids, **_engine_options(body.generation, body.top_logprobs, False))
+    completions = await _unless_disconnected(request, generation)
+    if completions is None:
+        return _error(_GONE)
+    return JSONResponse(chat_response(served, len(prompt_ids), completions))
+
+
+async def _complete(batcher: Batcher, served: str, request: Request) -> Response:
+    try:
+        body = parse_completion(await _read(request), served)
+        prompts, texts = _prompt_ids(batcher.engine, body)
+    except RequestError as err:
+        return _error(err)
+    if body.generation.stream:
+        return _EventStream(_completion_events(batcher, served, body, prompts, texts))
+    options = _engine_options(body.generation, body.logprobs, body.echo and body.logprobs is not None)
+
+    async def every_prompt() -> list[list[Completion]]:
+        return list(await asyncio.gather(*(batcher.submit(ids, **options) for ids in prompts)))
+
+    results = await _unless_disconnected(request, every_prompt())
+    if results is None:
+        return _error(_GONE)
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    return JSONResponse(completion_response(served, texts, results, prompt_tokens, echo=body.echo))
+
+
 def build_app(batcher: Batcher, served: str) -> FastAPI:
-    """The FastAPI app serving ``served`` from ``batcher``: chat completions, ``/v1/models`` and ``/health``.
+    """The FastAPI app serving ``served`` from ``batcher``: (chat) completions, ``/v1/models`` and ``/health``.
 
     Args:
         batcher: The batch queue in front of the model; its inference thread must be running.
@@ -367,9 +317,6 @@ def build_app(batcher: Batcher, served: str) -> FastAPI:
     """
     # FastAPI resolves the handlers' string annotations (``Request``) from this module's globals.
     app = FastAPI(title="effective-alignment local server")
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse(json.loads(_error_body(message, "invalid_request_error", status)), status_code=status)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -386,36 +333,23 @@ def build_app(batcher: Batcher, served: str) -> FastAPI:
         return {"object": "list", "data": [{"id": served, "object": "model", "created": 0, "owned_by": "local"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the request body is not valid JSON")
-        problem = _problems(body, served)
-        if problem is not None:
-            return error(*problem)
-        try:
-            prompt_ids = batcher.engine.render(body["messages"])
-        except Exception as err:  # a template error is the client's request, not a server fault
-            return error(400, f"the chat template rejected the messages: {err}")
-        generation = batcher.submit(
-            prompt_ids,
-            n=1 if body.get("n") is None else body["n"],
-            max_tokens=_max_tokens(body),
-            key=_sampling_key(body),
-            stop=_stops(body),
-        )
-        completions = await _unless_disconnected(request, generation)
-        if completions is None:  # nobody reads this answer; 499 is nginx's "client closed request"
-            return error(499, "the client disconnected before the answer was ready")
-        return JSONResponse(_response(served, len(prompt_ids), completions))
+    async def chat(request: Request) -> Response:
+        return await _chat(batcher, served, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _complete(batcher, served, request)
 
     return app
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alignment.inference.server", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="HF folder, hub id or embedded:")
+    parser.add_argument(
+        "--model",
+        default="embedded:smollm2-135m-instruct",
+        help="hub id, embedded: name, model or LoRA-adapter folder, or run directory",
+    )
     parser.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: --model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--host", default="127.0.0.1")
@@ -445,9 +379,11 @@ def main(argv: Sequence[str] | None = None, *, app_wrapper: Callable[[FastAPI], 
         import torch
 
         torch.set_num_threads(args.threads)
-    batcher = Batcher(
-        Engine(args.model, args.dtype), max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000
-    )
+    try:
+        engine = Engine.load(args.model, args.dtype)
+    except (OSError, ValueError) as err:  # a wrong path or name: say so, without a traceback
+        raise SystemExit(f"cannot load {args.model}: {err}") from None
+    batcher = Batcher(engine, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     served = args.served_model_name or args.model
     log.info("serving %r on http://%s:%d/v1", served, args.host, args.port)
     app: Any = build_app(batcher, served)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
 from alignment.data.validate import (
@@ -128,7 +128,15 @@ def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConf
     return kept.remove_columns("truncated")
 
 
-def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConfig) -> list[EvalPrompt]:
+class ConversationSettings(Protocol):
+    """The settings that shape a conversation's prompt (SFT's and distillation's configs have them)."""
+
+    system_prompt: str | None
+    model_support_system_role: bool
+    num_generation_samples: int
+
+
+def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: ConversationSettings) -> list[EvalPrompt]:
     """Prompts for sample generation: each eval conversation up to its last assistant turn, which is the reference."""
     prompts = []
     for row in dataset.select(range(min(cfg.num_generation_samples, len(dataset)))):
@@ -201,4 +209,4 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         callbacks=[MetricsJsonlCallback(ctx.output_dir / "metrics.jsonl"), samples],
     )
     samples.trainer = trainer
-    return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)
+    return train_and_save(trainer, method=method, model_dir=ctx.model_dir)

@@ -8,7 +8,8 @@ scoring path, :mod:`alignment.models.seqcls`; a row's ``correct_answer`` is give
 
 Generation backends (``method.backend``): ``server``, an OpenAI-compatible server (``vllm serve``, the project's
 :mod:`alignment.inference.server`…), or ``vllm``, vLLM's offline engine in this process (needs the ``vllm``
-package and a GPU); both give the same records, through the same resumable driver.
+package: ``pip install -e '.[vllm]'``, and a CUDA GPU); both give the same records, through the same resumable
+driver.
 
 Outputs, beside ``method.output_path`` (default ``<run dir>/pairs.jsonl``):
 
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from alignment.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+VLLM_MISSING = "method.backend=vllm needs the vllm package (pip install -e '.[vllm]') and a CUDA GPU"
 
 
 class GenerationBackend(StrEnum):
@@ -198,7 +201,7 @@ class BatchingChat:
                         future.set_exception(err)
                     continue
                 for (request, future), output in zip(batch, outputs, strict=True):
-                    future.set_result(chat_completion(request["model"], output))
+                    future.set_result(chat_completion(request["model"], output, n=request.get("n", 1)))
         finally:
             self._busy = False
 
@@ -207,11 +210,18 @@ class BatchingChat:
         self._executor.shutdown(wait=False)
 
 
-def chat_completion(model: str, output: Any) -> Any:
-    """An ``openai`` ``ChatCompletion`` from a vLLM ``RequestOutput`` (``outputs[i].text/finish_reason/token_ids``)."""
+def chat_completion(model: str, output: Any, n: int = 1) -> Any:
+    """An ``openai`` ``ChatCompletion`` from a vLLM ``RequestOutput`` (``outputs[i].text/finish_reason/token_ids``).
+
+    ``n`` choices: a greedy request was sampled once (:func:`sampling_kwargs`), and its answer is every choice, as
+    a server's ``n`` greedy answers would be.
+    """
     from openai.types.chat import ChatCompletion
 
-    completion_tokens = sum(len(o.token_ids) for o in output.outputs)
+    outputs = list(output.outputs)
+    if len(outputs) == 1 and n > 1:
+        outputs *= n
+    completion_tokens = sum(len(o.token_ids) for o in outputs)
     return ChatCompletion.model_validate(
         {
             "id": f"vllm-{output.request_id}",
@@ -224,7 +234,7 @@ def chat_completion(model: str, output: Any) -> Any:
                     "message": {"role": "assistant", "content": o.text},
                     "finish_reason": o.finish_reason or "stop",
                 }
-                for i, o in enumerate(output.outputs)
+                for i, o in enumerate(outputs)
             ],
             "usage": {
                 "prompt_tokens": len(output.prompt_token_ids or []),
@@ -235,18 +245,28 @@ def chat_completion(model: str, output: Any) -> Any:
     )
 
 
-def vllm_params(request: Mapping[str, Any]) -> Any:
-    """The vLLM ``SamplingParams`` of an OpenAI request built by ``generate_row`` (``extra_body`` keys pass on)."""
-    from vllm import SamplingParams
+def sampling_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``SamplingParams`` arguments of an OpenAI request built by ``generate_row`` (``extra_body`` passes on).
 
+    At temperature 0 the engine samples once: vLLM refuses ``n > 1`` for greedy sampling, and the ``n`` answers
+    would be the same (:func:`chat_completion` repeats it).
+    """
     optional = {key: request[key] for key in ("top_p", "seed", "stop") if key in request}
-    return SamplingParams(
-        n=request.get("n", 1),
-        temperature=request["temperature"],
-        max_tokens=request["max_tokens"],
+    greedy = request["temperature"] == 0
+    return {
+        "n": 1 if greedy else request.get("n", 1),
+        "temperature": request["temperature"],
+        "max_tokens": request["max_tokens"],
         **optional,
         **request.get("extra_body", {}),
-    )
+    }
+
+
+def vllm_params(request: Mapping[str, Any]) -> Any:
+    """The vLLM ``SamplingParams`` of an OpenAI request built by ``generate_row`` (:func:`sampling_kwargs`)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**sampling_kwargs(request))
 
 
 def vllm_client(model: ModelConfig, cfg: VllmConfig, seed: int) -> BatchingChat:
@@ -258,7 +278,7 @@ def vllm_client(model: ModelConfig, cfg: VllmConfig, seed: int) -> BatchingChat:
     try:
         from vllm import LLM
     except ImportError as err:
-        raise ImportError("method.backend=vllm needs the vllm package (pip install vllm) and a GPU") from err
+        raise ImportError(VLLM_MISSING) from err
     from alignment.models import embedded
 
     llm = LLM(
@@ -361,7 +381,7 @@ def _check(cfg: RejectionSamplingConfig) -> None:
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
-            raise ImportError("method.backend=vllm needs the vllm package (pip install vllm) and a GPU")
+            raise ImportError(VLLM_MISSING)
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:

@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from alignment.distributed import DistributedConfig, trainer_kwargs
 from alignment.loggers import report_to
-from alignment.task import IntervalStrategy, MethodConfig
+from alignment.task import IntervalStrategy, MethodConfig, best_model_metric, check_best_model
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -77,6 +77,11 @@ def training_kwargs(
         "use_cpu": not _cuda(),
         "dataloader_num_workers": cfg.dataloader_num_workers,
         "resume_from_checkpoint": cfg.resume_from_checkpoint,
+        # Early stopping itself is a callback (alignment.training.checkpoint.train_and_save); these say what it and
+        # load_best_model_at_end compare.
+        "metric_for_best_model": best_model_metric(cfg),
+        "greater_is_better": cfg.greater_is_better,
+        "load_best_model_at_end": cfg.load_best_model_at_end,
         # DDP / FSDP / DeepSpeed arguments of the run's ``distributed`` backend (empty for a single process).
         **trainer_kwargs(distributed),
     }
@@ -108,9 +113,14 @@ def training_args(
         evaluation: whether there is an eval split; without one, evaluation (and eval-on-start) is off.
         args_class: ``TrainingArguments`` or a TRL config class extending it (``SFTConfig``).
         **extra: method-specific arguments (``remove_unused_columns``, ``max_length``...).
+
+    Raises:
+        ValueError: early stopping or ``load_best_model_at_end`` without an eval split (the config promised one,
+            but the data left none) or with settings that could not work.
     """
     method = cfg.method
     assert isinstance(method, MethodConfig)
+    check_best_model(method, evaluation=evaluation)
     kwargs = training_kwargs(
         method, cfg.distributed, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name
     )

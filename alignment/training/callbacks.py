@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transformers import (
+    EarlyStoppingCallback,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
@@ -115,6 +116,66 @@ class SampleGenerationCallback(TrainerCallback):
             log_samples(self.logger, self.ctx, rows, state.global_step)
         if self.trainer is not None:
             self.trainer.log({"eval_exact_match": exact})  # on every rank, so their log histories stay equal
+        if kwargs.get("metrics") is not None:  # the evaluation's own metrics: early stopping and best model see it
+            kwargs["metrics"]["eval_exact_match"] = exact
+
+
+def metric_key(name: str) -> str:
+    """An eval metric's key in an evaluation's metrics: ``loss`` and ``eval_loss`` are both ``eval_loss``."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """HF's early stopping (patience and threshold on ``metric_for_best_model``), strict and resumable.
+
+    * An evaluation without the metric is an error that lists the metrics it has (HF's callback warns and never
+      stops, so a misspelt name would silently train to the end).
+    * The count of evaluations without improvement is read back from the checkpoint on resume (HF restores
+      callback states only with ``restore_callback_states_from_checkpoint``), so a resumed run stops where an
+      uninterrupted one would.
+    * Stopping before the last step logs ``early_stopping/stopped: 1`` at that step (``metrics.jsonl`` and the
+      trackers), and :attr:`stopped_at` keeps the step.
+
+    The best value so far is HF's ``state.best_metric``, updated after every evaluation during training: the
+    evaluation on start compares with nothing and counts as no failure.
+    """
+
+    def __init__(self, trainer: Any, patience: int, threshold: float) -> None:
+        super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
+        self.trainer = trainer
+        self.stopped_at: int | None = None
+        """The step at which the patience ran out before the last step; None while training goes on."""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """HF's checks, then, on resume, the checkpoint's count of evaluations without improvement."""
+        super().on_train_begin(args, state, control, **kw)  # type: ignore[no-untyped-call]
+        stored = cast(dict[str, Any], state.stateful_callbacks)  # a dict once the state is built
+        saved = stored.get(type(self).__name__)
+        if state.global_step > 0 and isinstance(saved, dict):
+            self.early_stopping_patience_counter = int(saved["attributes"]["early_stopping_patience_counter"])
+        stored[type(self).__name__] = self.state()  # HF's save updates only the entries a loaded state already has
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Count an evaluation without improvement; stop training when the patience is used up."""
+        name = str(args.metric_for_best_model)
+        if metrics is None or metric_key(name) not in metrics:
+            have = ", ".join(sorted(metrics or {}))
+            raise ValueError(
+                f"method.metric_for_best_model={name!r}: this evaluation has no {metric_key(name)!r} (it has {have})"
+            )
+        super().on_evaluate(args, state, control, metrics, **kwargs)  # type: ignore[no-untyped-call]
+        exhausted = self.early_stopping_patience_counter >= self.early_stopping_patience
+        if exhausted and self.stopped_at is None and state.global_step < state.max_steps:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+            self.trainer.log({"early_stopping/stopped": 1.0})
 
 
 class MetricsJsonlCallback(TrainerCallback):

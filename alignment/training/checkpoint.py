@@ -22,7 +22,8 @@ from typing import Any, cast
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from alignment.task import IntervalStrategy
+from alignment.task import IntervalStrategy, MethodConfig, tracks_best_model
+from alignment.training.callbacks import EarlyStopping, metric_key
 
 log = logging.getLogger(__name__)
 
@@ -216,24 +217,53 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def train_and_save(trainer: Any, *, resume_from_checkpoint: str | None, model_dir: Path) -> dict[str, float]:
+def train_and_save(trainer: Any, *, method: MethodConfig, model_dir: Path) -> dict[str, float]:
     """Train, evaluate once more if the last step was not evaluated, save the model; return the final metrics.
 
     The metrics are the train summary plus the latest value of every ``eval_*`` key logged during the run. A
-    resumed run skips ``eval_on_start``: the start of the run was evaluated before the checkpoint, and that
-    evaluation is in the checkpoint's log history.
+    resumed run (``method.resume_from_checkpoint``) skips ``eval_on_start``: the start of the run was evaluated
+    before the checkpoint, and that evaluation is in the checkpoint's log history.
+
+    With ``method.early_stopping_patience`` the run stops after that many evaluations without improvement
+    (:class:`~alignment.training.callbacks.EarlyStopping`). With ``method.load_best_model_at_end`` HF loads the best
+    checkpoint's weights after training; they are what is saved, and the ``eval_*`` metrics are those up to the
+    best step. Either adds ``train/global_step``, ``best/global_step`` and ``best/<metric>``; early stopping adds
+    ``early_stopping/stopped`` (1 when the patience ran out before the last step).
     """
     trainer.callback_handler.callbacks.insert(0, RunBooksCallback(trainer))  # first: corrects the summary for all
     trainer.add_callback(CheckpointCallback())  # after HF's flow callback: sees the steps that save
-    if resume_from_checkpoint is not None:
+    stopping = None
+    if method.early_stopping_patience:
+        stopping = EarlyStopping(trainer, method.early_stopping_patience, method.early_stopping_threshold)
+        trainer.add_callback(stopping)
+    if method.resume_from_checkpoint is not None:
         trainer.args.eval_on_start = False
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
     metrics: dict[str, float] = dict(result.metrics)
-    evaluated = {e["step"] for e in trainer.state.log_history if "eval_loss" in e}
+    state = trainer.state
+    best_step = state.best_global_step if state.best_model_checkpoint is not None else None
+    loaded_best = trainer.args.load_best_model_at_end and best_step is not None
+    evaluated = {e["step"] for e in state.log_history if "eval_loss" in e}
     wants_eval = trainer.eval_dataset is not None and trainer.args.eval_strategy != IntervalStrategy.no.value
-    if wants_eval and trainer.state.global_step not in evaluated:
+    if wants_eval and not loaded_best and state.global_step not in evaluated:
         trainer.evaluate()
-    for entry in trainer.state.log_history:
-        metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    last = best_step if loaded_best else state.global_step
+    for entry in state.log_history:
+        if entry["step"] <= last:
+            metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    if tracks_best_model(method):
+        metrics.update(_best_model_metrics(state, trainer.args.metric_for_best_model, stopping))
     trainer.save_model(str(model_dir))
+    return metrics
+
+
+def _best_model_metrics(state: TrainerState, metric: str, stopping: EarlyStopping | None) -> dict[str, float]:
+    """Steps run, the best evaluation's step and value, and whether early stopping ended the run."""
+    metrics = {"train/global_step": float(state.global_step)}
+    if state.best_global_step is not None:
+        metrics["best/global_step"] = float(state.best_global_step)
+    if state.best_metric is not None:
+        metrics[f"best/{metric_key(metric)}"] = float(state.best_metric)
+    if stopping is not None:
+        metrics["early_stopping/stopped"] = float(stopping.stopped_at is not None)
     return metrics

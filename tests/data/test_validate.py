@@ -182,11 +182,12 @@ def test_save_to_disk_source_reports_name_split_and_row(tmp_path: Path) -> None:
 
 def test_save_to_disk_source_with_missing_column(tmp_path: Path) -> None:
     folder = tmp_path / "saved"
-    DatasetDict({"train": Dataset.from_list([{"text": "a"}, {"text": "b"}])}).save_to_disk(str(folder))
+    # A lone ``text`` column would be read as TRL's language-modelling format (tests/data/test_formats.py).
+    DatasetDict({"train": Dataset.from_list([{"chat": "a"}, {"chat": "b"}])}).save_to_disk(str(folder))
     with pytest.raises(DataError) as caught:
         load_source(SourceConfig(path=str(folder)), VALIDATE, COLUMNS)
     assert str(caught.value).splitlines()[1:] == [
-        f"  {folder}[train] row {i}: missing column 'messages' (columns present: text)" for i in range(2)
+        f"  {folder}[train] row {i}: missing column 'messages' (columns present: chat)" for i in range(2)
     ]
 
 

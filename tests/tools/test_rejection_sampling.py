@@ -18,9 +18,10 @@ from alignment.context import RunContext
 from alignment.data.basket import BasketRow
 from alignment.data.validate import DataError
 from alignment.inference.openai_batch import SamplingConfig, generate_row
+from alignment.methods.pairwise import core
 from alignment.registry import METHODS
 from alignment.tools import rejection_sampling
-from alignment.tools.rejection_sampling import BatchingChat, is_tie, scored_record
+from alignment.tools.rejection_sampling import BatchingChat, is_tie, sampling_kwargs, scored_record
 from alignment.tools.rm_scoring import with_hint
 from tests.conftest import launch
 
@@ -366,6 +367,26 @@ def test_batching_chat_runs_generate_row_on_an_offline_engine() -> None:
     assert [c["content"] for c in follow["candidates"]] == ["more1#0", "more1#1", "more1#2"]
 
 
+def test_a_greedy_request_is_sampled_once_and_repeated() -> None:
+    """At temperature 0 the engine is asked for one answer (vLLM refuses ``n > 1``), which fills all n choices."""
+    request = {"model": "m", "messages": [], "temperature": 0.0, "max_tokens": 4, "n": 3, "seed": 1}
+    assert sampling_kwargs(request) == {"n": 1, "temperature": 0.0, "max_tokens": 4, "seed": 1}
+    assert sampling_kwargs({**request, "temperature": 0.5})["n"] == 3
+    engine = FakeEngine()
+
+    async def go() -> dict[str, Any]:
+        client = BatchingChat(engine.chat, lambda r: SimpleNamespace(**sampling_kwargs(r)))
+        sampling = SamplingConfig(num_completions=3, temperature=0.0, max_completion_tokens=4)
+        try:
+            return await generate_row(client, _row(0), model="m", sampling=sampling, global_system_prompt=None)
+        finally:
+            await client.close()
+
+    record = asyncio.run(go())
+    assert [c["content"] for c in record["candidates"]] == ["q0#0"] * 3
+    assert record["completion_tokens"] == 6  # 2 tokens per choice, as a server reports n greedy answers
+
+
 def test_batching_chat_fails_every_waiting_request_with_the_engine_error() -> None:
     def broken(conversations: list[Any], params: list[Any]) -> list[Any]:
         raise RuntimeError("CUDA out of memory")
@@ -394,25 +415,39 @@ def test_vllm_backend_without_vllm_fails_clearly(tmp_path: Path, reward_model_di
 
 @pytest.mark.gpu
 def test_vllm_backend_end_to_end(tmp_path: Path, reward_model_dir: Path) -> None:
-    """The offline engine on the tiny model gives the same kind of scored rows as the server."""
-    pytest.importorskip("vllm", reason="vllm is not installed")
-    import torch
+    """The real offline engine on the tiny model through ``backend=vllm`` gives the server path's records.
 
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM's offline engine needs a GPU")
+    Needs ``pip install -e '.[vllm]'`` and a CUDA GPU (``gpu`` tests skip without one; CI runs the fake-engine
+    tests above). vLLM loads the tiny Llama in bf16 (it downcasts float32); its head size, 16, is one FlashAttention
+    takes (a multiple of 8).
+    """
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install -e '.[vllm]')")
     basket = _write_jsonl(tmp_path / "basket.jsonl", BASKET)
     cfg = to_run_config(
         _compose_rs(
             basket,
             reward_model_dir,
-            "http://127.0.0.1:9/v1",
+            "http://127.0.0.1:9/v1",  # nothing listens there: generation must not go to a server
             tmp_path,
             "method.backend=vllm",
             "method.sampling.temperature=1.0",
+            "method.vllm.gpu_memory_utilization=0.3",
+            "method.vllm.max_model_len=512",
         )
     )
     metrics = rejection_sampling.run(cfg, RunContext(tmp_path / "run", "test", None))
-    assert metrics["rs/rows_scored"] == 4
-    for row in _read_jsonl(tmp_path / "run" / "pairs.scored.jsonl"):
-        assert len(row["completions"]) == 4
-        assert row["chosen_score"] == max(row["rewards"])
+    scored = _read_jsonl(tmp_path / "run" / "pairs.scored.jsonl")
+    assert sorted(str(r["id"]) for r in scored) == ["3", "a", "b", "d"]
+    assert (metrics["rs/rows_scored"], metrics["generate/rows_failed"]) == (4, 0)
+    assert metrics["rs/pairs"] + metrics["rs/ties"] == 4
+    assert 0 < metrics["generate/completion_tokens"] <= 4 * 4 * 8 + 4  # 4 answers of <= 8 tokens; + the first turn
+    for row in scored:
+        assert len(row["completions"]) == len(row["rewards"]) == len(row["finish_reasons"]) == 4
+        assert set(row["finish_reasons"]) <= {"stop", "length"}
+        assert all(len(c) == 1 and c[0]["role"] == "assistant" for c in row["completions"])
+        assert row["chosen_score"] == max(row["rewards"]) >= row["rejected_score"] == min(row["rewards"])
+        assert row["gen_model"] == "embedded:tiny-random-llama"
+    follow_up = next(r for r in scored if str(r["id"]) == "3")["prompt"]
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "user"]
+    for row in _read_jsonl(tmp_path / "run" / "pairs.jsonl"):
+        assert core.row_problems(row) == []  # trains DPO as it is

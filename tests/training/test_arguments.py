@@ -61,8 +61,10 @@ def test_training_kwargs_maps_every_shared_field_with_hf_names() -> None:
 
     cfg = _non_default_method_config()
     kwargs = training_kwargs(cfg, DistributedConfig(), output_dir="/tmp/out", seed=5, run_name="r")
-    # Not HF arguments: the registry key, and what the runner does with checkpoints after a finished run.
-    shared = [f.name for f in fields(MethodConfig) if f.name not in ("name", "keep_checkpoints")]
+    # Not HF arguments: the registry key, what the runner does with checkpoints after a finished run, and the
+    # early-stopping callback's settings (train_and_save).
+    not_hf = ("name", "keep_checkpoints", "early_stopping_patience", "early_stopping_threshold")
+    shared = [f.name for f in fields(MethodConfig) if f.name not in not_hf]
     for name in shared:
         value = getattr(cfg, name)
         expected = value.value if isinstance(value, IntervalStrategy | SchedulerType) else value

@@ -560,7 +560,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         (None, None) if splits.eval is None else _tokenize_split(splits.eval, tokenizer, method, "eval")
     )
     trainer = build_trainer(cfg, ctx, tokenizer, train, evaluation, kind, (train_stats, eval_stats))
-    return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)
+    return train_and_save(trainer, method=method, model_dir=ctx.model_dir)
 
 
 GPO_TERMS: dict[GpoLossType, PolicyTerm] = {

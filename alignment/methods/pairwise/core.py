@@ -482,4 +482,4 @@ def run_pairwise(
         token_shaper=token_shaper,
         max_tokens_per_batch=method.max_tokens_per_batch if isinstance(method, PairwiseConfig) else None,
     )
-    return train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)
+    return train_and_save(trainer, method=method, model_dir=ctx.model_dir)

@@ -484,7 +484,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         train_lengths=[len(ids) for ids in train["input_ids"]],
         max_tokens_per_batch=method.max_tokens_per_batch,
     )
-    metrics = train_and_save(trainer, resume_from_checkpoint=method.resume_from_checkpoint, model_dir=ctx.model_dir)
+    metrics = train_and_save(trainer, method=method, model_dir=ctx.model_dir)
     if trainer.is_world_process_zero():
         save_classifier(trainer.model, tokenizer, ctx.model_dir)
     return metrics

@@ -246,7 +246,8 @@ def test_run_eval_logs_pairwise_metrics_before_and_after(compose: Any, tmp_path:
         ),
         ({**pair_row("q", "a", "b"), "margin": "big"}, "column 'margin': expected a number"),
         ({**pair_row("q", "a", "b"), "chosen": [{"role": "robot", "content": "a"}]}, "unknown role 'robot'"),
-        ({**pair_row("q", "a", "b"), "rejected": "b"}, "column 'rejected': expected a non-empty list"),
+        # A string is one assistant turn (README "Data formats"); a number is neither that nor a message list.
+        ({**pair_row("q", "a", "b"), "rejected": 5}, "column 'rejected': expected a non-empty list"),
     ],
 )
 def test_bad_rows_fail_with_file_line_before_loading(
