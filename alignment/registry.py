@@ -24,6 +24,7 @@ from alignment.data.config import DataConfig
 from alignment.distributed import DistributedConfig
 from alignment.loggers import LoggerConfig
 from alignment.methods import sft
+from alignment.methods.distill import distill, distill_cache
 from alignment.methods.gpo import gpo
 from alignment.methods.pairwise import core, cpo, dpo, orpo, simpo, smpo
 from alignment.methods.seqcls import classification, reward
@@ -57,6 +58,8 @@ METHODS: dict[str, Method] = {
     "reward": Method(reward.RewardConfig, reward.run, core.row_checks),
     "classification": Method(classification.ClassificationConfig, classification.run, classification.row_checks),
     "gpo": Method(gpo.GpoConfig, gpo.run, gpo.row_checks),
+    "distill": Method(distill.DistillConfig, distill.run, distill.row_checks),
+    "distill_cache": Method(distill_cache.DistillCacheConfig, distill_cache.run, distill.row_checks),
     "generate": Method(generate.GenerateConfig, generate.run, None),
     "rejection_sampling": Method(rejection_sampling.RejectionSamplingConfig, rejection_sampling.run, None),
     "rm_scoring": Method(rm_scoring.RmScoringConfig, rm_scoring.run, None),

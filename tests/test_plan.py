@@ -170,6 +170,8 @@ METHOD_DATA = {
     "reward": "demo_reward",
     "classification": "demo_classification",
     "gpo": "demo_gpo",
+    "distill": "demo",
+    "distill_cache": "demo",
 }
 
 

@@ -68,6 +68,8 @@ def _number_type(hint: Any) -> Any:
 
 UNBOUNDED: dict[str, str] = {
     "SamplingConfig.seed": "sent to the server as is; the server decides what a seed means",
+    "DistillConfig.ab_alpha": "any real alpha defines an AB-divergence; its limits (0, -beta) are handled",
+    "DistillConfig.ab_beta": "any real beta defines an AB-divergence; its limits (0, -alpha) are handled",
 }
 """Numeric fields that deliberately declare no range, with the reason."""
 UNBOUNDED_FOUND: set[str] = set()
