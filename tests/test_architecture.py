@@ -7,6 +7,7 @@ imported first (the old ``import alignment.tools.generate`` failure), and heavy 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -38,10 +39,24 @@ def test_every_module_is_found() -> None:
     assert "alignment.training.trainer" in MODULES
 
 
+@pytest.fixture(scope="module")
+def fresh_imports() -> dict[str, subprocess.CompletedProcess[str]]:
+    """``import <module>`` of every module, each in a fresh interpreter, collected before any assertion.
+
+    Two or more run at a time: an import is single-threaded, so the cores share the work.
+    """
+    workers = max(2, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda module: _python(f"import {module}"), MODULES)
+        return dict(zip(MODULES, results, strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", MODULES)
-def test_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
-    result = _python(f"import {module}")
+def test_module_imports_alone_in_a_fresh_interpreter(
+    module: str, fresh_imports: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    result = fresh_imports[module]
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -24,7 +24,7 @@ from tests.conftest import ROOT, launch
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted((CONF / "experiment").rglob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
-TOOLS = ["dedup", "export", "generate", "rejection_sampling", "rm_scoring"]
+TOOLS = ["dedup", "distill_cache", "export", "generate", "rejection_sampling", "rm_scoring"]
 TRAINING = [m for m in METHODS if m not in TOOLS]
 TINY = "embedded:tiny-random-llama"
 DEBUG_ROWS = 16  # data.num_train_samples in conf/experiment/debug.yaml
@@ -126,9 +126,9 @@ def test_debug_prints_from_the_command_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def debug_jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One sweep of ``experiment=debug`` over every training method and dedup (the tools needing no server)."""
+    """One ``experiment=debug`` sweep: every training method, dedup and distill_cache (the tools needing no server)."""
     cwd = tmp_path_factory.mktemp("debug")
-    methods = [*TRAINING, "dedup"]
+    methods = [*TRAINING, "dedup", "distill_cache"]
     result = launch(
         ["-m", "experiment=debug", f"method={','.join(methods)}", "hydra.sweep.dir=sweep"], cwd=cwd, timeout=1200
     )
@@ -162,6 +162,19 @@ def test_debug_dedup(debug_jobs: dict[str, Path]) -> None:
     assert len(kept) + len(removed) == DEBUG_ROWS
     results = json.loads((job / "results.json").read_text(encoding="utf-8"))
     assert (results["dedup/rows_in"], results["dedup/rows_kept"]) == (DEBUG_ROWS, len(kept))
+
+
+@pytest.mark.slow
+def test_debug_distill_cache(debug_jobs: dict[str, Path]) -> None:
+    """The teacher's top-64 cache of the 16 train and 4 eval conversations: 388 bytes per counted token."""
+    job = debug_jobs["distill_cache"]
+    results = json.loads((job / "results.json").read_text(encoding="utf-8"))
+    assert results["train/tokens"] > DEBUG_ROWS
+    assert results["eval/tokens"] > 0
+    assert results["train/bytes_per_token"] == 64 * (4 + 2) + 4
+    assert 0 < results["train/teacher_mass"] <= 1
+    keys = json.loads((job / "cache.json").read_text(encoding="utf-8"))["keys"]
+    assert set(keys) == {"train", "eval"}
 
 
 def _run_tool(tool: str, server: str, cwd: Path, *extra: str) -> Path:

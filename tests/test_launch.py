@@ -39,7 +39,7 @@ def test_print_config_loads_nothing(tmp_path: Path) -> None:
     start = re.search(r"^model:$", result.stdout, re.MULTILINE)
     assert start is not None, result.stdout
     printed = yaml.safe_load(result.stdout[start.start() :])
-    assert set(printed) == {"model", "method", "data", "distributed", "logger", "seed", "plan"}
+    assert set(printed) == {"model", "method", "data", "distributed", "logger", "seed", "plan", "objective"}
     assert printed["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert printed["method"]["name"] == "sft"
     assert [s["path"] for s in printed["data"]["sources"]] == ["HuggingFaceTB/smoltalk"] * 2

@@ -321,10 +321,11 @@ class _Probe:
 
         if not self.stepped:
             if self._depth == 0:  # an outermost call: the Trainer's (wrapped) model
-                full = sum(_numel(p)[1] for p in module.parameters())
+                # Trainable parameters only: a frozen model called beside it (reference, teacher) is never the root.
+                full = sum(_numel(p)[1] for p in module.parameters() if p.requires_grad)
                 # ``>=``: the training wrapper (DDP, DeepSpeed engine) counts the same parameters as the bare model
                 # that an evaluation before the first step (sample generation) calls, and comes later.
-                if full >= self.root_numel:
+                if full and full >= self.root_numel:
                     self.root, self.root_numel = module, full
             if self.first_tokens is None and isinstance(module, torch.nn.Embedding) and args:
                 self.first_tokens = int(args[0].sum())

@@ -78,11 +78,25 @@ def move_to_device(model: PreTrainedModel, device: torch.device) -> PreTrainedMo
 
 
 def load_frozen_copy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A frozen copy of the model ``cfg`` describes, without adapters or unfrozen layers, in eval mode."""
+    """A frozen copy of the model ``cfg`` describes, without adapters or unfrozen layers, in eval mode.
+
+    The copy is whole on every rank, also under ZeRO-3 (sharding it is future work).
+    """
     from alignment.models.load import load_model
 
+    from transformers.integrations import deepspeed as hf_deepspeed
+
     without_adapters = replace(cfg, lora=replace(cfg.lora, enabled=False), unfreeze_layers_patterns=[])
-    frozen = load_model(without_adapters, tokenizer, frozen=True)
+    # Once ZeRO-3 TrainingArguments exist, from_pretrained would build the model inside ``zero.Init`` with a
+    # config DeepSpeed rejects before the engine starts; a frozen copy is loaded whole (replicated) instead.
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = reference() if reference is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        frozen = load_model(without_adapters, tokenizer, frozen=True)
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
     frozen.requires_grad_(False)
     frozen.train(False)
     return frozen

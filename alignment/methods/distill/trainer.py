@@ -589,6 +589,9 @@ def run_distillation(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     assert isinstance(method, DistillConfig)
     tokenizer, train, evaluation, raw_eval = _prepare(cfg)
     prompts = sft.eval_prompts(raw_eval, tokenizer, method) if raw_eval is not None else []
+    # Models load before the TrainingArguments, as in every method (ZeRO-3's zero.Init is not active yet).
+    model = load_model(cfg.model, tokenizer)
+    frozen = load_frozen_copy(method.teacher, tokenizer) if method.teacher_source is TeacherSource.model else None
     args = training_args(
         cfg, ctx, evaluation=evaluation is not None, remove_unused_columns=False, prediction_loss_only=True
     )
@@ -596,8 +599,7 @@ def run_distillation(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     splits = {"train": train, **({"eval": evaluation} if evaluation is not None else {})}
     teacher: TeacherOutputs
     teacher_rows: int
-    if method.teacher_source is TeacherSource.model:
-        frozen = load_frozen_copy(method.teacher, tokenizer)
+    if frozen is not None:
         teacher = ModelTeacher(frozen, _teacher_device(method.teacher, device), device)
         assert teacher.head is not None
         teacher_rows = teacher.head.weight.size(0)
@@ -609,7 +611,6 @@ def run_distillation(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         )
         teacher = CacheTeacher(tables, head)
         teacher_rows = head.weight.size(0) if head is not None else _teacher_vocab(method.teacher)
-    model = load_model(cfg.model, tokenizer)
     _, student_head = output_head(model)
     vocab = shared_vocabulary(student_head.weight.size(0), teacher_rows, len(tokenizer))
     samples = SampleGenerationCallback(
