@@ -82,9 +82,9 @@ def load_frozen_copy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
 
     The copy is whole on every rank, also under ZeRO-3 (sharding it is future work).
     """
-    from alignment.models.load import load_model
-
     from transformers.integrations import deepspeed as hf_deepspeed
+
+    from alignment.models.load import load_model
 
     without_adapters = replace(cfg, lora=replace(cfg.lora, enabled=False), unfreeze_layers_patterns=[])
     # Once ZeRO-3 TrainingArguments exist, from_pretrained would build the model inside ``zero.Init`` with a
