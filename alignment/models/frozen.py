@@ -91,7 +91,7 @@ def load_frozen_copy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     # config DeepSpeed rejects before the engine starts; a frozen copy is loaded whole (replicated) instead.
     reference = hf_deepspeed._hf_deepspeed_config_weak_ref
     active = reference() if reference is not None else None
-    hf_deepspeed.unset_hf_deepspeed_config()
+    hf_deepspeed.unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
     try:
         frozen = load_model(without_adapters, tokenizer, frozen=True)
     finally:
