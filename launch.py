@@ -6,6 +6,9 @@ Examples:
     python launch.py -m method.learning_rate=1e-4,2e-4 # a local sweep into multirun/
     python launch.py -m hydra/launcher=slurm method=dpo,smpo  # one SLURM job array (conf/hydra/launcher/)
     python launch.py experiment=optuna_smpo            # an Optuna study of SMPO's beta and learning rate
+
+A user error (bad data row, unknown key, out-of-range value) prints as ``error: ...`` on stderr and exits 1;
+``HYDRA_FULL_ERROR=1`` (or ``ALIGNMENT_DEBUG=1``) shows its traceback (:mod:`alignment.cli`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from hydra import main
 from omegaconf import DictConfig
 
+from alignment.cli import user_errors_reported
 from alignment.config import to_run_config
 from alignment.launch.slurm import register_launcher_configs
 from alignment.registry import register_configs
@@ -31,4 +35,5 @@ def launch(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    launch()
+    with user_errors_reported():  # a user error prints as one block; HYDRA_FULL_ERROR=1 shows its traceback
+        launch()

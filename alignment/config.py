@@ -49,6 +49,23 @@ class RunConfig:
 class UnknownKeyError(KeyError):
     """A key was added (``+group.key=value``) that the group's schema does not define."""
 
+    def __init__(self, key: str, schema: type) -> None:
+        fields = (
+            ", ".join(sorted(f.name for f in dataclasses.fields(schema))) if dataclasses.is_dataclass(schema) else ""
+        )
+        super().__init__(f"unknown config key {key!r}; {schema.__name__} has: {fields}")
+        self.key = key
+        """The full dotted key, e.g. ``method.foo``."""
+        self.schema = schema
+        """The dataclass of the node the key was set on."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
+
+
+class ConfigError(ValueError):
+    """Settings that are each valid but cannot work together (e.g. early stopping without an eval split)."""
+
 
 def check_known_keys(node: DictConfig | ListConfig, path: str = "") -> None:
     """Reject keys outside the schema; OmegaConf lets ``+key=`` overrides through and ``to_object`` drops them.
@@ -71,9 +88,8 @@ def check_known_keys(node: DictConfig | ListConfig, path: str = "") -> None:
     )
     for key in node:
         full = f"{path}.{key!s}" if path else str(key)
-        if known is not None and schema is not None and key not in known:
-            fields = ", ".join(sorted(known))
-            raise UnknownKeyError(f"unknown config key {full!r}; {schema.__name__} has: {fields}")
+        if known is not None and isinstance(schema, type) and key not in known:
+            raise UnknownKeyError(full, schema)
         child = node._get_node(key)
         if isinstance(child, DictConfig | ListConfig):
             check_known_keys(child, full)
@@ -85,13 +101,21 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     Unknown keys and out-of-range values (:mod:`alignment.ranges`) fail here, naming the full key, before any
     ``__post_init__`` runs and before anything is loaded; so do early-stopping and best-model settings that could
     not work (:func:`~alignment.task.check_best_model`: no evaluation, checkpoints off the evaluation steps).
+
+    Raises:
+        UnknownKeyError: a key outside its schema.
+        RangeError: a number outside its field's range.
+        ConfigError: settings that cannot work together.
     """
     check_known_keys(cfg)
     check_ranges(cfg)
     run_cfg = OmegaConf.to_object(cfg)
     assert isinstance(run_cfg, RunConfig)
     if isinstance(run_cfg.method, MethodConfig):
-        check_best_model(run_cfg.method, evaluation=has_eval_split(run_cfg.data))
+        try:
+            check_best_model(run_cfg.method, evaluation=has_eval_split(run_cfg.data))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     return run_cfg
 
 

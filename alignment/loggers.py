@@ -8,12 +8,13 @@ environment (``WANDB_API_KEY``, ``CLEARML_API_ACCESS_KEY``…), never from the c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -202,9 +203,64 @@ def log_samples(cfg: LoggerConfig, run: RunContext, rows: Sequence[dict[str, Any
             body = "".join("| " + " | ".join(_cell(row[c]) for c in columns) + " |\n" for row in rows)
             writer.add_text("eval/samples", header + body, global_step=step)
     elif cfg.backend is LoggerBackend.console:
-        for row in rows[:3]:
-            shown = {k: v for k, v in row.items() if k != "prompt"}
-            log.info("sample @%d: %s", step, json.dumps(shown, ensure_ascii=False)[:300])
+        # One short line per sample (the full rows are in generations/step_<N>.jsonl): the origin's file name and
+        # line, then every other column but the prompt, newlines shown as \n, each cut to _CONSOLE_WIDTH.
+        for row in rows[:_CONSOLE_SAMPLES]:
+            origin = str(row.get("origin", ""))
+            shown = " | ".join(f"{k}: {_short(v)}" for k, v in row.items() if k not in ("prompt", "origin"))
+            log.info("sample @%d %s | %s", step, Path(origin).name if origin else "-", shown)
+
+
+def interactive_console() -> bool:
+    """Whether progress bars can redraw in place: stderr (where tqdm draws) is a terminal.
+
+    Not under SLURM (``.out`` files), ``2>&1 | tee`` or a pipe: there every redraw would be another line of
+    carriage returns and escape codes.
+    """
+    return sys.stderr.isatty()
+
+
+_DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+class _DropDeepSpeedCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_DEEPSPEED_CPU_NOTICE)
+
+
+def quiet_console(*, deepspeed: bool) -> None:
+    """Keep the run's console readable; call once per process before the method runs.
+
+    * Without the DeepSpeed backend, DeepSpeed's "Setting accelerator to CPU" warning is dropped: accelerate
+      imports ``deepspeed`` whenever it is installed (``extract_model_from_parallel``, when the Trainer is built),
+      and the import probes for an accelerator and warns on a CPU machine.
+    * Without an interactive console (:func:`interactive_console`), the progress bars of ``datasets``,
+      ``transformers`` (weights loading, shard writing) and the hub are off; the Trainer's own bars are switched
+      off by ``disable_tqdm`` in its arguments (:func:`alignment.training.arguments.training_args`).
+    """
+    if not deepspeed:
+        # The logger DeepSpeed creates on import is this one (logging.getLogger returns it): the filter stays on it.
+        notices = logging.getLogger("DeepSpeed")
+        if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in notices.filters):
+            notices.addFilter(_DropDeepSpeedCpuNotice())
+    if not interactive_console():
+        import datasets
+        import transformers.utils.logging
+        from huggingface_hub.utils.tqdm import disable_progress_bars
+
+        datasets.disable_progress_bars()
+        disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+_CONSOLE_SAMPLES = 3
+_CONSOLE_WIDTH = 60
+
+
+def _short(value: Any) -> str:
+    """A value on one console line: newlines and tabs escaped, cut to ``_CONSOLE_WIDTH`` characters with ``…``."""
+    text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return text if len(text) <= _CONSOLE_WIDTH else text[: _CONSOLE_WIDTH - 1] + "…"
 
 
 def _cell(value: Any) -> str:

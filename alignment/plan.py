@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PLAN_ROWS = 16
 """Rows read and validated from the start of every data source (and eval file/split)."""
 GIB = 1024**3
+UNREACHABLE = "unreachable:"
+"""Marks the plan's model part when the model config could not be read; the plan then exits non-zero."""
 # --- data ------------------------------------------------------------------------------------------------------
 
 
@@ -105,7 +107,7 @@ def check_data(cfg: RunConfig) -> list[str]:
         if found is not None:
             first = [row for _, row in train]  # the rows a run detects the format from (PLAN_ROWS >= DETECT_ROWS)
             row_format = resolve_format(source.format, first, source=source.path, keep=found.columns)
-            check_rows(rows, row_format.validator(found.validate))
+            check_rows(rows, row_format.validator(found.validate), columns=found.columns)
             converted = "" if row_format.name is SourceFormat.native else f"{row_format.name.value} format → "
             lines.append(f"{source.path}: first {len(rows)} rows valid ({converted}columns {', '.join(found.columns)})")
         else:
@@ -306,26 +308,60 @@ def plan_lines(cfg: RunConfig) -> list[str]:
         DistributedSetupError, DataError, OSError, ValueError: whatever a real run would raise first.
     """
     from alignment.distributed import DistributedSetupError, cuda_available
-    from alignment.launch.ranks import runtime_problems, torchrun_command
+    from alignment.launch.ranks import runtime_problems
     from alignment.models.load import load_tokenizer
 
     launcher = _launcher_config()
-    cuda = cuda_available() or bool(launcher and launcher.get("gpus_per_node"))
-    problems = runtime_problems(cfg, cuda=cuda_available())
+    slurm = bool(launcher and "SlurmLauncher" in str(launcher.get("_target_", "")))
+    # The job runs where the launcher puts it: a SLURM job has GPUs when it asks for them, whatever this machine has.
+    cuda = bool(launcher and launcher.get("gpus_per_node")) if slurm else cuda_available()
+    problems = runtime_problems(cfg, cuda=cuda)
     if problems:
         raise DistributedSetupError("; ".join(problems))
-    lines = ["== config: valid", f"method {cfg.method.name}, model {cfg.model.name_or_path}", "== data"]
-    lines += check_data(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    shape = model_shape(cfg.model)
+    lines = ["== config: valid", f"method {cfg.method.name}, model {cfg.model.name_or_path}"]
+    lines += _layout_warnings(launcher, cfg.distributed) if slurm and launcher else []
+    lines += ["== data", *check_data(cfg)]
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        shape = model_shape(cfg.model)
+    except OSError as err:  # offline without a cached copy, gated, or no such repository
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines += [
+            f"== model {UNREACHABLE} offline / gated — set HF_TOKEN or point model.name_or_path to a local folder",
+            f"  ({first})",
+            "== memory per device: not estimated (no model config)",
+        ]
+        return lines + _launch_lines(launcher, cfg.distributed)
     lines += [
         "== model (config only, no weights)",
         f"{shape.architecture}: {shape.parameters:,} parameters, {shape.trainable:,} trainable; "
         f"tokenizer vocab {len(tokenizer):,}; decoder layer {', '.join(shape.layer_classes) or '?'}",
     ]
+    return lines + _memory_lines(shape, cfg, cuda) + _launch_lines(launcher, cfg.distributed)
+
+
+def _layout_warnings(launcher: Mapping[str, Any], dist: DistributedConfig) -> list[str]:
+    """Where the SLURM launcher asks for fewer GPUs or nodes than ``distributed`` starts ranks on."""
+    gpus = launcher.get("gpus_per_node")
+    nodes = launcher.get("nodes") or 1
+    lines = []
+    if dist.backend is not DistributedBackend.none and isinstance(gpus, int) and gpus < dist.nproc_per_node:
+        lines.append(
+            f"== warning: launcher mismatch: hydra.launcher.gpus_per_node={gpus} but distributed.nproc_per_node="
+            f"{dist.nproc_per_node} ranks per node (use hydra/launcher=slurm_multinode or slurm_tasks, or set "
+            f"hydra.launcher.gpus_per_node={dist.nproc_per_node})"
+        )
+    if isinstance(nodes, int) and nodes != dist.nnodes:
+        lines.append(
+            f"== warning: launcher mismatch: hydra.launcher.nodes={nodes} but distributed.nnodes={dist.nnodes}"
+        )
+    return lines
+
+
+def _memory_lines(shape: ModelShape, cfg: RunConfig, cuda: bool) -> list[str]:
     dist = cfg.distributed
     memory = estimate_memory(shape, cfg, cuda=cuda)
-    lines += [
+    return [
         f"== memory per device: backend {dist.backend}"
         f"{f' (ZeRO-{dist.deepspeed.stage})' if dist.backend is DistributedBackend.deepspeed else ''}, "
         f"world size {dist.world_size} ({dist.nnodes} node(s) x {dist.nproc_per_node}), {'GPU' if cuda else 'CPU'}",
@@ -336,18 +372,27 @@ def plan_lines(cfg: RunConfig) -> list[str]:
         f"offloaded to CPU RAM per rank {_gib(memory.offloaded)}",
         *(f"  note: {note}" for note in memory.notes),
     ]
+
+
+def _launch_lines(launcher: Mapping[str, Any] | None, dist: DistributedConfig) -> list[str]:
+    from alignment.launch.ranks import torchrun_command
+
+    lines: list[str] = []
     script = sbatch_preview(launcher) if launcher else None
     if script is None:
         launch = torchrun_command(dist) if dist.backend is not DistributedBackend.none else "this process"
         lines += ["== launch", f"local run: no sbatch script; ranks: {launch}"]
     else:
-        lines += ["== sbatch script (not submitted)", script.rstrip()]
+        lines += ["== sbatch script (not submitted; the same command with -m submits it)", script.rstrip()]
     return lines
 
 
 def print_plan(cfg: RunConfig, ctx: RunContext) -> None:
     """Print the plan and remove the run directory Hydra created, if it is still empty."""
-    print("\n".join(plan_lines(cfg)), flush=True)
+    lines = plan_lines(cfg)
+    print("\n".join(lines), flush=True)
     print("plan only: nothing was trained or submitted", flush=True)
     if ctx.output_dir.is_dir() and not any(ctx.output_dir.iterdir()):
         ctx.output_dir.rmdir()
+    if any(UNREACHABLE in line for line in lines):
+        raise SystemExit("plan incomplete: the model could not be read (see '== model' above)")

@@ -6,7 +6,9 @@
 * ``report.csv`` and ``report.md``: job, the overrides that differ between jobs, status, steps, wall time,
   final train/eval loss, the best value of the objective (``--objective``, default ``eval_loss``) and its step,
   and every other final ``eval_*`` metric;
-* ``curves.png``: train loss and the objective against the step, one line per job;
+* ``curves.png``: train loss and the objective against the step, one line per job, each method on its own axes
+  (losses of different methods are not comparable); ``report_curves.png`` when the directory is a single run's,
+  whose own ``curves.png`` it keeps;
 * a rich table on the console.
 
 A job without ``results.json`` is ``running``/``incomplete`` (``interrupted@<step>`` when it holds a checkpoint);
@@ -26,9 +28,13 @@ import subprocess
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from alignment.context import failure, read_results
+from alignment.plots import curves_from, draw_panel, new_figure, read_jsonl
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _ARRAY_TASK = re.compile(r"^(\d+)_(\d+)$")
@@ -66,33 +72,8 @@ class JobReport:
     """Step of that best value."""
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Logged ``(step, value)`` series per metric; a resumed run's repeated steps keep the latest value."""
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of ``metrics.jsonl``; a torn last line (a job killed mid-write) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def curves_from(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """``metric -> [(step, value)]`` sorted by step; a step logged again after a resume keeps the last value."""
-    series: dict[str, dict[int, float]] = {}
-    for record in records:
-        step = record.get("step")
-        if not isinstance(step, int):
-            continue
-        for key, value in record.items():
-            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            series.setdefault(key, {})[step] = float(value)
-    return {k: sorted(v.items()) for k, v in series.items()}
+    method: str | None = None
+    """``method.name`` from the job's ``config.yaml``; None when it names none."""
 
 
 def best_of(series: list[tuple[int, float]], mode: Mode) -> tuple[float | None, int | None]:
@@ -121,6 +102,18 @@ def _overrides(job_dir: Path) -> list[str]:
     return [str(o) for o in command[1:]]
 
 
+def _method(job_dir: Path) -> str | None:
+    import yaml
+
+    try:
+        config = yaml.safe_load((job_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    method = config.get("method") if isinstance(config, dict) else None
+    name = method.get("name") if isinstance(method, dict) else None
+    return str(name) if name is not None else None
+
+
 def _wall_s(job_dir: Path) -> float | None:
     start, end = job_dir / "environment.json", job_dir / "results.json"
     if not (start.is_file() and end.is_file()):
@@ -132,7 +125,7 @@ def read_job(job_dir: Path, *, objective: str, mode: Mode, scheduler_state: str 
     """Summarise one job directory."""
     results = read_results(job_dir / "results.json")
     final = results or {}
-    curves = curves_from(_read_jsonl(job_dir / "metrics.jsonl"))
+    curves = curves_from(read_jsonl(job_dir / "metrics.jsonl"))
     steps = max((s for c in curves.values() for s, _ in c), default=None)
     best, best_step = best_of(curves.get(objective, []), mode)
     if results is not None and (error := failure(results)) is not None:
@@ -155,6 +148,7 @@ def read_job(job_dir: Path, *, objective: str, mode: Mode, scheduler_state: str 
         best=best,
         best_step=best_step,
         curves=curves,
+        method=_method(job_dir),
     )
 
 
@@ -255,27 +249,36 @@ def write_markdown(path: Path, header: list[str], table: list[list[str]], common
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
 
 
+def sweep_figure(jobs: list[JobReport], objective: str, labels: list[str]) -> Figure:
+    """Train loss and the objective against the step: for each method a panel per metric, one line per job.
+
+    Methods' losses differ in scale (SFT's cross-entropy, DPO's sigmoid loss), so each method gets its own axes,
+    in the order the methods first appear; a panel without any logged series is left out.
+    """
+    methods = list(dict.fromkeys(job.method for job in jobs))
+    metrics = list(dict.fromkeys(("loss", objective)))
+    panels = []
+    for method in methods:
+        for metric in metrics:
+            lines = [
+                (label, job.curves[metric])
+                for job, label in zip(jobs, labels, strict=True)
+                if job.method == method and job.curves.get(metric)
+            ]
+            if lines:
+                panels.append((f"{method}: {metric}" if method else metric, lines))
+    figure, axes = new_figure(max(len(panels), 1), columns=len(metrics))
+    for axis, (title, lines) in zip(axes, panels, strict=False):
+        draw_panel(axis, title, lines)
+    if not panels:
+        axes[0].set_title("no job logged a metric yet")
+        axes[0].set_axis_off()
+    return figure
+
+
 def plot(path: Path, jobs: list[JobReport], objective: str, labels: list[str]) -> None:
-    """Train loss (left) and the objective (right) against the step, one line per job (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for axis, metric in zip(axes, ("loss", objective), strict=True):
-        for job, label in zip(jobs, labels, strict=True):
-            series = job.curves.get(metric, [])
-            if series:
-                steps, values = zip(*series, strict=True)
-                axis.plot(steps, values, marker="o" if len(series) < 20 else None, label=label)
-        axis.set_xlabel("step")
-        axis.set_ylabel(metric)
-        axis.set_title(metric)
-        axis.grid(alpha=0.3)
-    axes[1].legend(fontsize="small")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Save :func:`sweep_figure` as a PNG (matplotlib's Agg canvas)."""
+    sweep_figure(jobs, objective, labels).savefig(path, dpi=110)
 
 
 def print_table(header: list[str], table: list[list[str]], common: list[str], title: str) -> None:
@@ -302,7 +305,9 @@ def report(
     header, table, common = rows(jobs, objective)
     out = out_dir or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "report.csv", "markdown": out / "report.md", "plot": out / "curves.png"}
+    # A single run's directory already holds the run's own curves.png (alignment.plots): keep it.
+    plot_name = "report_curves.png" if (out / "config.yaml").is_file() else "curves.png"
+    paths = {"csv": out / "report.csv", "markdown": out / "report.md", "plot": out / plot_name}
     write_csv(paths["csv"], header, table)
     write_markdown(paths["markdown"], header, table, common)
     plot(paths["plot"], jobs, objective, [f"{r[0]}: {r[1]}" if r[1] else r[0] for r in table])

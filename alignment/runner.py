@@ -2,7 +2,8 @@
 
 The run directory (Hydra's job output dir) receives ``config.yaml`` (the resolved config, secrets redacted),
 ``environment.json`` (package versions, git revision, command line), ``metrics.jsonl``, ``results.json``,
-``generations/`` and the trained ``model/``. Hydra's own ``.hydra/`` copy is disabled in ``conf/config.yaml``
+``curves.png`` (:mod:`alignment.plots`), ``launch.log`` (Hydra's log file; a failed run's error is its ERROR
+line), ``generations/`` and the trained ``model/``. Hydra's own ``.hydra/`` copy is disabled in ``conf/config.yaml``
 because it would store overrides unredacted.
 """
 
@@ -26,7 +27,8 @@ from omegaconf import OmegaConf
 
 from alignment.config import RunConfig
 from alignment.context import FAILED, RunContext
-from alignment.loggers import close_trackers, open_trackers
+from alignment.distributed import DistributedBackend
+from alignment.loggers import close_trackers, open_trackers, quiet_console
 from alignment.redact import redact, redact_dirname, redact_override
 from alignment.registry import METHODS
 from alignment.task import MethodConfig, TaskFailedError
@@ -50,17 +52,21 @@ _PACKAGES = (
 
 
 def context_from_hydra() -> RunContext:
-    """Run directory, name and group of the current Hydra job."""
+    """Run directory, name and group of the current Hydra job.
+
+    The name (W&B run, ClearML task) is the job's overrides, secrets redacted (``method=dpo,method.beta=0.1``);
+    without overrides, ``job<N>`` for a sweep job and Hydra's job name (``launch``) for a single run. A sweep's
+    jobs share the group ``<date>_<time>`` of the sweep folder.
+    """
     hydra = HydraConfig.get()
     output_dir = Path(hydra.runtime.output_dir)
+    dirname = redact_dirname(
+        hydra.job.override_dirname, list(hydra.overrides.task), hydra.job.config.override_dirname.kv_sep
+    )
     if hydra.mode == RunMode.MULTIRUN:
         group = "_".join(Path(hydra.sweep.dir).parts[-2:])
-        dirname = redact_dirname(
-            hydra.job.override_dirname, list(hydra.overrides.task), hydra.job.config.override_dirname.kv_sep
-        )
-        name = dirname or f"job{hydra.job.num}"
-        return RunContext(output_dir, f"{group}/{name}", group)
-    return RunContext(output_dir, "_".join(output_dir.parts[-2:]), None)
+        return RunContext(output_dir, dirname or f"job{hydra.job.num}", group)
+    return RunContext(output_dir, dirname or str(hydra.job.name), None)
 
 
 def _git_revision() -> dict[str, Any]:
@@ -117,16 +123,18 @@ def redact_sweep_file(sweep_dir: Path) -> None:
 
 
 def write_failure(ctx: RunContext, error: Exception) -> None:
-    """Record why a run failed in ``results.json``: ``status: failed``, the error's type and message.
+    """Record why a run failed in ``results.json`` (``status: failed``, the error's type and message) and the log.
 
     Secrets in the message are redacted; the metrics the error carries (a data tool's row counts,
     :class:`~alignment.task.TaskFailedError`) are kept beside it.
     """
     metrics = error.metrics if isinstance(error, TaskFailedError) else {}
-    record = {"status": FAILED, "error": {"type": type(error).__name__, "message": str(redact(str(error)))}}
+    kind, message = type(error).__name__, str(redact(str(error)))
+    record = {"status": FAILED, "error": {"type": kind, "message": message}}
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.results_file.write_text(json.dumps({**record, **metrics}, indent=2), encoding="utf-8")
-    log.error("run failed (%s); recorded in %s", type(error).__name__, ctx.results_file)
+    # One record in launch.log (Hydra's file handler), where users look first; its message may span lines.
+    log.error("run failed: %s: %s (recorded in %s)", kind, message, ctx.results_file)
 
 
 def run(cfg: RunConfig) -> dict[str, float]:
@@ -168,6 +176,7 @@ def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, 
     from alignment.launch.ranks import is_main_process, rank_session
     from alignment.training.checkpoint import PreemptedError
 
+    quiet_console(deepspeed=cfg.distributed.backend is DistributedBackend.deepspeed)
     main = is_main_process()
     redacted_config = write_run_files(cfg, ctx, overrides) if main else {}
     log.info("run directory: %s", ctx.output_dir)
@@ -195,6 +204,10 @@ def execute(cfg: RunConfig, ctx: RunContext, overrides: list[str]) -> dict[str, 
     (ctx.model_dir / "training_args.bin").unlink(missing_ok=True)
     ctx.results_file.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     log.info("final metrics: %s", json.dumps(metrics))
+    from alignment.plots import write_run_curves
+
+    if (curves := write_run_curves(ctx.output_dir)) is not None:
+        log.info("training curves: %s", curves)
     return metrics
 
 

@@ -84,9 +84,14 @@ def compose() -> Iterator[Any]:
         yield _compose
 
 
-def launch(args: list[str], *, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the real ``launch.py`` in a subprocess from ``cwd`` (so outputs/ and multirun/ land there)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def launch(
+    args: list[str], *, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``launch.py`` in a subprocess from ``cwd`` (so outputs/ and multirun/ land there).
+
+    ``env``: variables set on top of this process's environment (e.g. ``HYDRA_FULL_ERROR``).
+    """
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=cwd,

@@ -82,6 +82,7 @@ COMPOSE_ONLY = {
     "typo-key": ["method.lerning_rate=1e-5"],
     "bad-type": ["method.max_steps=many"],
     "unknown-option": ["method=dpoo"],
+    "launcher-without-multirun": ["hydra/launcher=slurm", "model=llama8b"],
 }
 
 

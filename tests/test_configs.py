@@ -304,3 +304,27 @@ def test_unknown_key_check_accepts_optional_containers_that_are_none() -> None:
     node.extra = 1
     with pytest.raises(UnknownKeyError, match="extra"):
         check_known_keys(node)
+
+
+# Methods whose rows the default data (demo) lacks pick their own demo data (its train file); the others keep demo.
+METHOD_DEMO_DATA = {
+    "gpo": "embedded:gpo_train.jsonl",
+    "classification": "embedded:classification_train.jsonl",
+    "reward": "embedded:reward_train.jsonl",
+    "generate": "embedded:basket.jsonl",
+    "sft": "embedded:train.jsonl",
+}
+
+
+def _train_paths(cfg: DictConfig) -> list[str]:
+    return [source.path for source in to_run_config(cfg).data.sources]
+
+
+@pytest.mark.parametrize(("method", "path"), METHOD_DEMO_DATA.items(), ids=list(METHOD_DEMO_DATA))
+def test_a_method_picks_its_demo_data_unless_data_is_given(compose: Any, method: str, path: str) -> None:
+    """``method=gpo`` alone trains on demo_gpo; ``data=...`` (either order) and an experiment win over it."""
+    assert _train_paths(compose([f"method={method}"])) == [path]
+    assert _train_paths(compose([f"method={method}", "data=demo"])) == ["embedded:train.jsonl"]
+    assert _train_paths(compose(["data=demo_reward", f"method={method}"])) == ["embedded:reward_train.jsonl"]
+    debug = OmegaConf.load(CONF / "data" / "debug" / f"{method}.yaml")
+    assert _train_paths(compose([f"method={method}", "experiment=debug"])) == [debug.sources[0].path]

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import subprocess
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -79,12 +80,64 @@ def test_wrong_type_names_the_key_and_the_type(tmp_path: Path) -> None:
     ],
 )
 def test_unknown_key_is_rejected_before_the_run(tmp_path: Path, override: str, key: str) -> None:
-    """Plain overrides fail in Hydra; ``+``/``++`` ones pass Hydra and must fail in ``to_run_config``."""
+    """Plain overrides fail in Hydra, ``+``/``++`` ones in ``to_run_config``: both as one error block, with the fields.
+
+    Hydra's own advice (``To append to your config use +method.foo=1``) would only lead to the second failure.
+    """
     result = launch(["model=tiny_random", override], cwd=tmp_path, timeout=QUICK_S)
-    out = _output(result)
     assert result.returncode != 0
-    assert re.search(rf"(full_key: {re.escape(key)}\b|unknown config key '{re.escape(key)}')", out), out
+    # A key that passes Hydra fails inside the job, which Hydra prefixes with "Error executing job with overrides".
+    assert re.search(rf"^error: unknown config key '{re.escape(key)}'", result.stderr, re.MULTILINE), result.stderr
+    assert re.search(r"^  (\w+ fields|top-level settings \(key=value\)): \w", result.stderr, re.MULTILINE), (
+        result.stderr
+    )
+    assert "To append to your config" not in result.stderr
+    assert "Traceback" not in result.stderr
     assert _written(tmp_path, "config.yaml") == [], "the run started before the key was rejected"
+
+
+def test_misspelt_key_suggests_the_field_and_the_methods_that_have_it(tmp_path: Path) -> None:
+    """``method.beta`` under the default SFT names the methods with a ``beta``; a typo gets the close field name."""
+    result = launch(["method.lerning_rate=1e-5", "method.beta=0.1"], cwd=tmp_path, timeout=QUICK_S)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    # Hydra stops at the first unknown override; the second is checked by calling the message builder below.
+    assert lines[:2] == [
+        "error: unknown config key 'method.lerning_rate': SftConfig (method=sft) has no field 'lerning_rate'",
+        "  did you mean: method.learning_rate?",
+    ], result.stderr
+    assert lines[2].startswith("  SftConfig fields: bf16, "), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_key_messages() -> None:
+    """The message builder: other methods' fields, and a top-level typo lists the groups."""
+    from alignment.cli import unknown_key_message
+    from alignment.config import RunConfig
+    from alignment.methods.sft import SftConfig
+
+    beta = unknown_key_message("method.beta", SftConfig).splitlines()
+    have_beta = [name for name, method in METHODS.items() if "beta" in {f.name for f in fields(method.schema)}]
+    assert {"dpo", "cpo", "orpo", "simpo", "smpo"} <= set(have_beta)
+    assert beta[1] == (
+        f"  beta is a field of method={', '.join(have_beta)}: select one, e.g. method={have_beta[0]} method.beta=..."
+    )
+    assert unknown_key_message("methd", RunConfig).splitlines()[:3] == [
+        "unknown config key 'methd': neither a config group nor a top-level setting",
+        "  did you mean: method?",
+        "  config groups (group=option): model, method, data, distributed, logger, experiment, hydra/launcher, "
+        "hydra/sweeper",
+    ]
+
+
+def test_submitting_launcher_without_multirun_is_refused(tmp_path: Path) -> None:
+    """Without ``-m`` Hydra never calls the launcher: ``hydra/launcher=slurm`` would train here, so it is refused."""
+    result = launch(["hydra/launcher=slurm", "model=llama8b"], cwd=tmp_path, timeout=QUICK_S)
+    assert result.returncode == 1, _output(result)
+    assert result.stderr.startswith("error: hydra/launcher=slurm submits jobs only in multirun mode"), result.stderr
+    assert "Add -m to submit: python launch.py -m hydra/launcher=slurm" in result.stderr
+    assert "sbatch" not in result.stdout
+    assert list(tmp_path.iterdir()) == [], "no run directory"
 
 
 def test_bad_enum_value_names_the_allowed_values(tmp_path: Path) -> None:
@@ -155,11 +208,13 @@ GOOD_ROW = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistan
 USER, ASSISTANT = GOOD_ROW["messages"]
 
 
-def _launch_on(tmp_path: Path, lines: list[str]) -> tuple[Path, str]:
+def _launch_on(
+    tmp_path: Path, lines: list[str], env: dict[str, str] | None = None
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """Train the tiny model on a JSONL file made of ``lines``; assert it failed before writing anything trained."""
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    result = launch(["model=tiny_random", "logger=none", f"data.sources=[{{path: '{data}'}}]"], cwd=tmp_path)
+    result = launch(["model=tiny_random", "logger=none", f"data.sources=[{{path: '{data}'}}]"], cwd=tmp_path, env=env)
     out = _output(result)
     assert result.returncode != 0
     assert "Error merging override" not in out, "the override itself was rejected; the data was never read"
@@ -171,13 +226,26 @@ def _launch_on(tmp_path: Path, lines: list[str]) -> tuple[Path, str]:
         "status": "failed",
         "error": {"type": "DataError", "message": json.loads(results.read_text())["error"]["message"]},
     }
-    return data, out
+    return data, result
+
+
+MALFORMED = [json.dumps(GOOD_ROW), '{"messages": [{"role": "user", ', json.dumps(GOOD_ROW)]
 
 
 def test_malformed_json_line_fails_before_training(tmp_path: Path) -> None:
-    """The line and the JSON column of the syntax error are named."""
-    data, out = _launch_on(tmp_path, [json.dumps(GOOD_ROW), '{"messages": [{"role": "user", ', json.dumps(GOOD_ROW)])
-    assert re.search(rf"{re.escape(str(data))}:2:\d+: malformed JSON", out), out[-4000:]
+    """The line and the JSON column of the syntax error are named, as one error block on stderr: no traceback."""
+    data, result = _launch_on(tmp_path, MALFORMED)
+    assert re.search(rf"^error: {re.escape(str(data))}:2:\d+: malformed JSON", result.stderr, re.MULTILINE), (
+        result.stderr[-4000:]
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_full_error_shows_the_traceback_of_a_user_error(tmp_path: Path) -> None:
+    """``HYDRA_FULL_ERROR=1`` is the debug switch: the same data error with its traceback."""
+    data, result = _launch_on(tmp_path, MALFORMED, env={"HYDRA_FULL_ERROR": "1"})
+    assert "Traceback (most recent call last)" in result.stderr
+    assert re.search(rf"DataError: {re.escape(str(data))}:2:\d+: malformed JSON", result.stderr), result.stderr[-4000:]
 
 
 def test_every_bad_row_is_named_before_training(tmp_path: Path) -> None:
@@ -189,7 +257,8 @@ def test_every_bad_row_is_named_before_training(tmp_path: Path) -> None:
         json.dumps({"messages": [USER, {"role": "assistant", "content": 2}]}),
         json.dumps(GOOD_ROW),
     ]
-    data, out = _launch_on(tmp_path, lines)
+    data, result = _launch_on(tmp_path, lines)
+    out = _output(result)
     expected = {
         2: ["missing column 'messages'", "conversation"],
         3: ["column 'messages'[0].role", "unknown role 'bot'"],

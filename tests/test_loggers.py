@@ -203,9 +203,21 @@ def test_log_samples_writes_a_markdown_table_to_tensorboard(tmp_path: Path) -> N
 
 
 def test_log_samples_to_console_and_with_no_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One short readable line per sample (at most 3): origin file:line, reference, generation; no prompt, no JSON."""
+    long_row = {
+        "origin": "/data/demo/test.jsonl:60",
+        "prompt": "p",
+        "reference": "98 * 7 = 686",
+        "generation": "\n" * 64,
+    }
     with caplog.at_level(logging.INFO, logger="alignment.loggers"):
         log_samples(LoggerConfig(backend=LoggerBackend.console), RunContext(tmp_path, "r", None), ROWS, step=5)
-    assert caplog.records[0].getMessage().startswith('sample @5: {"origin": "demo:1"')
+        log_samples(LoggerConfig(backend=LoggerBackend.console), RunContext(tmp_path, "r", None), [long_row] * 4, 6)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sample @5 demo:1 | reference: 4 | generation: 4",
+        "sample @5 demo:2 | reference: 6 | generation: line\\nbreak",
+        *["sample @6 test.jsonl:60 | reference: 98 * 7 = 686 | generation: " + "\\n" * 29 + "\\…"] * 3,
+    ]
     assert "2+2?" not in caplog.text
     log_samples(LoggerConfig(backend=LoggerBackend.tensorboard), RunContext(tmp_path, "r", None), [], step=5)
     assert not (tmp_path / "tensorboard").exists()

@@ -131,3 +131,43 @@ def test_a_failed_job_shows_its_error(sweep: Path) -> None:
     assert jobs[2].final == {"generate/rows_failed": 3.0}
     assert main([str(sweep)]) == 0
     assert "| failed: DataError: train.jsonl:3: missing column 'prompt' |" in (sweep / "report.md").read_text()
+
+
+def test_each_method_gets_its_own_loss_axis(tmp_path: Path) -> None:
+    """SFT's and DPO's losses are on different scales: one panel per method and metric, a legend on each."""
+    import warnings
+
+    from alignment.report import sweep_figure
+
+    root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
+    sft = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.2}]
+    dpo = [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.6}, {"step": 2, "eval_loss": 0.65}]
+    for num, (method, records) in enumerate([("sft", sft), ("dpo", dpo), ("sft", sft)]):
+        job = _job(root, num, [f"method={method}", f"seed={num}"], records)
+        (job / "config.yaml").write_text(f"seed: {num}\nmethod:\n  name: {method}\n")
+    jobs = build(root)
+    assert [j.method for j in jobs] == ["sft", "dpo", "sft"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = sweep_figure(jobs, "eval_loss", ["0: a", "1: b", "2: c"])
+        assert main([str(root)]) == 0
+    panels = {
+        axis.get_title(): [t.get_text() for t in axis.get_legend().get_texts()] if axis.get_legend() else []
+        for axis in figure.axes
+    }
+    assert panels == {
+        "sft: loss": ["0: a", "2: c"],
+        "sft: eval_loss": ["0: a", "2: c"],
+        "dpo: loss": ["1: b"],
+        "dpo: eval_loss": ["1: b"],
+    }
+    assert (root / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_single_run_keeps_its_own_curves_png(tmp_path: Path) -> None:
+    """``report <run dir>`` of a single run writes report_curves.png and leaves the run's curves.png alone."""
+    run = _job(tmp_path, 0, ["model=tiny_random"], [{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 2.1}])
+    (run / "curves.png").write_bytes(b"the run's own plot")
+    assert main([str(run)]) == 0
+    assert (run / "curves.png").read_bytes() == b"the run's own plot"
+    assert (run / "report_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

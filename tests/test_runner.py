@@ -148,11 +148,21 @@ def hydra_job(compose: Callable[[list[str]], Any], tmp_path: Path) -> Iterator[C
 def test_sweep_job_names_are_redacted(hydra_job: Callable[..., RunContext], tmp_path: Path) -> None:
     ctx = hydra_job(["model=tiny_random", f"logger.entity={HF_TOKEN}", "method.learning_rate=1e-4"], multirun=True)
     assert ctx.group == "2026-11-28_10-00-00"
-    assert ctx.name == f"{ctx.group}/logger.entity={REDACTED},method.learning_rate=1e-4,model=tiny_random"
+    assert ctx.name == f"logger.entity={REDACTED},method.learning_rate=1e-4,model=tiny_random"
     assert ctx.output_dir == tmp_path / "multirun" / "2026-11-28" / "10-00-00" / "3"
-    assert hydra_job([], multirun=True).name == f"{ctx.group}/job3"
-    single = hydra_job(["model=tiny_random"], multirun=False)
-    assert (single.name, single.group) == ("10-00-00_3", None)
+    assert hydra_job([], multirun=True).name == "job3"
+
+
+def test_single_run_is_named_by_its_overrides_not_a_timestamp(hydra_job: Callable[..., RunContext]) -> None:
+    """W&B run / ClearML task names of a single run: its overrides (redacted), else Hydra's job name."""
+    single = hydra_job(
+        ["model=tiny_random", "method=dpo", "method.beta=0.1", f"logger.entity={HF_TOKEN}"], multirun=False
+    )
+    assert (single.name, single.group) == (
+        f"logger.entity={REDACTED},method.beta=0.1,method=dpo,model=tiny_random",
+        None,
+    )
+    assert hydra_job([], multirun=False).name == "app"  # compose's job name; launch.py's is "launch"
 
 
 def test_write_run_files_never_shows_a_secret(compose: Callable[[list[str]], Any], tmp_path: Path) -> None:
@@ -238,3 +248,50 @@ def test_a_failed_tool_records_its_summary_beside_the_error(
         "error": {"type": "TaskFailedError", "message": f"3 of 4 rows failed; token {REDACTED}"},
         "generate/rows_failed": 3.0,
     }
+
+
+def test_a_failed_launch_says_why_in_launch_log_and_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad data row: results.json says failed, launch.log holds the error with file:line, the report shows it."""
+    from alignment.report import main as report_main
+    from tests.conftest import launch
+
+    data = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"nope": 1}) + "\n", encoding="utf-8")
+    args = ["model=tiny_random", "logger=none", f"data.sources=[{{path: '{data}'}}]", "hydra.run.dir=run"]
+    result = launch(args, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    assert (results["status"], results["error"]["type"]) == ("failed", "DataError")
+    where = f"{data}:2: missing column 'messages'"
+    assert where in results["error"]["message"]
+    log_text = (run / "launch.log").read_text(encoding="utf-8")
+    errors = [line for line in log_text.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1, log_text
+    assert "run failed: DataError: 1 invalid row(s)" in errors[0]
+    assert where in log_text.split("[ERROR]", 1)[1]  # the message's next lines follow the ERROR line
+    assert not (run / "curves.png").exists()
+    assert report_main([str(run)]) == 0
+    assert "failed: DataError: 1 invalid row(s)" in capsys.readouterr().out
+
+
+def test_a_finished_run_writes_curves_png(
+    compose: Callable[[list[str]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner plots metrics.jsonl into curves.png beside results.json once the method returns."""
+    from alignment.registry import METHODS
+    from alignment.runner import execute
+
+    def train(cfg: Any, ctx: RunContext) -> dict[str, float]:
+        records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
+        (ctx.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {"train_loss": 1.75, "eval_loss": 1.7}
+
+    monkeypatch.setitem(METHODS, "sft", dataclasses.replace(METHODS["sft"], run=train))
+    cfg = to_run_config(compose(["model=tiny_random", "logger=none"]))
+    ctx = RunContext(tmp_path / "run", "run", None)
+    assert execute(cfg, ctx, []) == {"train_loss": 1.75, "eval_loss": 1.7}
+    assert (ctx.output_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -155,7 +155,7 @@ def _jsonl_rows(path: Path, cfg: SourceConfig) -> list[tuple[str, dict[str, Any]
 def _from_jsonl(
     rows: list[tuple[str, dict[str, Any]]], row_format: RowFormat, validate: RowValidator, keep: tuple[str, ...]
 ) -> Dataset:
-    check_rows(rows, row_format.validator(validate))
+    check_rows(rows, row_format.validator(validate), columns=keep)
     converted = [(where, row_format.convert(row)) for where, row in rows]
     # Validation has checked the required columns; an optional one a row lacks (e.g. ``margin``) becomes null.
     return Dataset.from_list([{**{c: row.get(c) for c in keep}, ORIGIN: where} for where, row in converted])
@@ -170,7 +170,8 @@ def _renamed_split(dataset: Dataset, label: str, cfg: SourceConfig) -> Dataset:
 def _from_arrow(
     dataset: Dataset, label: str, row_format: RowFormat, validate: RowValidator, keep: tuple[str, ...]
 ) -> Dataset:
-    check_rows(((f"{label} row {i}", row) for i, row in enumerate(dataset)), row_format.validator(validate))
+    rows = ((f"{label} row {i}", row) for i, row in enumerate(dataset))
+    check_rows(rows, row_format.validator(validate), columns=keep)
     if row_format.name is not SourceFormat.native:
         # In memory: a save_to_disk folder or the hub cache is never written to.
         dataset = dataset.map(

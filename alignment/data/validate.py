@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,6 +24,14 @@ MAX_REPORTED = 20
 MAX_SOURCES = 3
 """Files an error about a whole split names before it says "and N more"."""
 _ORIGIN_SUFFIX = re.compile(r"(:\d+| row \d+)$")
+_LOCATION = re.compile(r"^(?P<source>.*?)(?P<sep>:| row )(?P<number>\d+)$")
+_MISSING = re.compile(r"missing column '([^']+)'")
+SHOWN_LOCATIONS = 3
+"""Locations named one by one for a problem that many rows share; the rest are given as ranges."""
+MAX_RANGES = 5
+"""Ranges of rows named for one shared problem before "and N more range(s)"."""
+DATA_CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+"""The ``data=`` options a missing-column error suggests from (absent in an installed package: no suggestion)."""
 _NO_EVAL_HINT = " (fix the data, or turn evaluation off: data.eval_fraction=0 and no eval_path/eval_split)"
 
 
@@ -31,26 +40,117 @@ class DataError(ValueError):
 
 
 def check_rows(
-    rows: Iterable[tuple[str, Mapping[str, Any]]], validate: RowValidator, *, outcome: str = "nothing was trained"
+    rows: Iterable[tuple[str, Mapping[str, Any]]],
+    validate: RowValidator,
+    *,
+    outcome: str = "nothing was trained",
+    columns: tuple[str, ...] = (),
 ) -> None:
     """Validate ``(location, row)`` pairs; raise :class:`DataError` listing the first problems found.
 
-    ``outcome`` says what the caller did not do because of it (a data tool: ``"nothing was sent"``).
+    ``outcome`` says what the caller did not do because of it (a data tool: ``"nothing was sent"``). A problem
+    that more than :data:`SHOWN_LOCATIONS` rows share is listed once, with its row count, the first locations and
+    then ranges. When rows lack columns, the message names ``columns`` (what the method reads) and the options
+    under ``conf/data/`` whose rows have the missing ones.
 
     Raises:
         DataError: at least one row failed; the message gives the total count.
     """
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     bad_rows = 0
     for where, row in rows:
         found = validate(row)
         if found:
             bad_rows += 1
-            problems.extend(f"{where}: {problem}" for problem in found)
+            problems.extend((where, problem) for problem in found)
     if problems:
-        shown = "\n  ".join(problems[:MAX_REPORTED])
-        more = f"\n  … and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(f"{bad_rows} invalid row(s); {outcome}:\n  {shown}{more}")
+        entries = _grouped(problems)
+        shown = "\n  ".join(entries[:MAX_REPORTED])
+        more = f"\n  … and {len(entries) - MAX_REPORTED} more" if len(entries) > MAX_REPORTED else ""
+        hint = _missing_columns_hint([problem for _, problem in problems], columns)
+        raise DataError(f"{bad_rows} invalid row(s); {outcome}:\n  {shown}{more}{hint}")
+
+
+def _grouped(problems: list[tuple[str, str]]) -> list[str]:
+    """One entry per problem, in order; a problem many rows share becomes one entry at its first occurrence."""
+    where_by_problem: dict[str, list[str]] = {}
+    for where, problem in problems:
+        where_by_problem.setdefault(problem, []).append(where)
+    entries = []
+    for where, problem in problems:
+        wheres = where_by_problem[problem]
+        if len(wheres) <= SHOWN_LOCATIONS:
+            entries.append(f"{where}: {problem}")
+        elif where == wheres[0]:
+            first = ", ".join(wheres[:SHOWN_LOCATIONS])
+            entries.append(f"{len(wheres)} rows: {problem}\n    at {first}, then {_ranges(wheres[SHOWN_LOCATIONS:])}")
+    return entries
+
+
+def _ranges(wheres: list[str]) -> str:
+    """``file:4-64, other.jsonl:2`` (or ``name[split] rows 4-64``) for locations, consecutive rows merged."""
+    spans: list[tuple[str, str, int, int]] = []  # (source, separator, first, last)
+    loose: list[str] = []
+    for where in wheres:
+        match = _LOCATION.match(where)
+        if match is None:
+            loose.append(where)
+            continue
+        source, sep, number = match["source"], match["sep"], int(match["number"])
+        if spans and spans[-1][:2] == (source, sep) and spans[-1][3] + 1 == number:
+            spans[-1] = (source, sep, spans[-1][2], number)
+        else:
+            spans.append((source, sep, number, number))
+    texts = [
+        f"{source}{':' if sep == ':' else ' rows '}{first}{f'-{last}' if last > first else ''}"
+        for source, sep, first, last in spans
+    ] + loose
+    more = f" and {len(texts) - MAX_RANGES} more range(s)" if len(texts) > MAX_RANGES else ""
+    return ", ".join(texts[:MAX_RANGES]) + more
+
+
+def _missing_columns_hint(problems: list[str], columns: tuple[str, ...]) -> str:
+    """What the method reads and which ``data=`` options have the columns the rows lack; empty if none lack one."""
+    missing = list(dict.fromkeys(m[1] for problem in problems if (m := _MISSING.match(problem))))
+    if not missing:
+        return ""
+    reads = f"the method reads columns {', '.join(columns)}; " if columns else ""
+    lack = ", ".join(repr(c) for c in missing)
+    options = data_options_with(missing)
+    suggestion = (
+        f"data options whose rows have them: {', '.join(f'data={name}' for name in options)}"
+        if options
+        else "rename a column with data.sources[i].columns={old: new}"
+    )
+    return f"\nhint: {reads}the rows lack {lack}; {suggestion}"
+
+
+def data_options_with(columns: Iterable[str]) -> list[str]:
+    """The ``conf/data/`` options (not ``debug/``) whose local sources' first rows have every one of ``columns``.
+
+    Hub sources are not read (no network for an error message): an option with one is left out.
+    """
+    import yaml
+
+    from alignment.data.load import read_jsonl, resolve_path
+
+    wanted = set(columns)
+    found = []
+    for path in sorted(DATA_CONF.glob("*.yaml")):
+        sources = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("sources") or []
+        firsts = []
+        for source in sources:
+            file = Path(resolve_path(str(source.get("path", ""))))
+            if not file.is_file():
+                break
+            where_row = next(iter(read_jsonl(file)), None)
+            if where_row is None:
+                break
+            renames = source.get("columns") or {}
+            firsts.append({renames.get(key, key) for key in where_row[1]})
+        if sources and len(firsts) == len(sources) and all(wanted <= first for first in firsts):
+            found.append(path.stem)
+    return found
 
 
 def empty_split_error(split: str, dataset: Dataset, dropped: Mapping[str, int], *, unit: str) -> DataError:

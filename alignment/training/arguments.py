@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from transformers import TrainingArguments
 
 from alignment.distributed import DistributedConfig, trainer_kwargs
-from alignment.loggers import report_to
+from alignment.loggers import interactive_console, report_to
 from alignment.task import IntervalStrategy, MethodConfig, best_model_metric, check_best_model
 
 if TYPE_CHECKING:
@@ -126,4 +126,6 @@ def training_args(
     )
     if not evaluation:
         kwargs.update(eval_strategy="no", eval_on_start=False)
+    # Off without a terminal (SLURM .out files, pipes): the train and eval bars would interleave as \r-lines there.
+    kwargs.update(disable_tqdm=not interactive_console())
     return args_class(**kwargs, report_to=report_to(cfg.logger), **extra)

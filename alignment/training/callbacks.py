@@ -217,3 +217,24 @@ class MetricsJsonlCallback(TrainerCallback):
 def _record(step: int, epoch: float | None, logs: dict[str, Any]) -> dict[str, Any]:
     """One line of ``metrics.jsonl``; a log-history entry (which holds ``step`` too) gives the same line."""
     return {"step": step, "epoch": epoch, **{k: v for k, v in logs.items() if k != "step"}}
+
+
+class LogLinePrinter(TrainerCallback):
+    """Each logged metrics dict as one printed line: HF's ``PrinterCallback`` without its side effect.
+
+    HF uses its printer when ``disable_tqdm`` is set (no terminal). It pops ``total_flos`` from the dict it is
+    given, and at the end of training that dict is the train summary the run returns: ``results.json`` would lose
+    ``total_flos``.
+    """
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Print the dict (floats to 4 significant digits, ``total_flos`` left out) on the local main process."""
+        if state.is_local_process_zero and logs:
+            print({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"})

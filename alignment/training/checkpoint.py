@@ -13,6 +13,7 @@ history, so a resumed run ends with an uninterrupted run's books.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import signal
 import time
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback
 
 from alignment.task import IntervalStrategy, MethodConfig, tracks_best_model
-from alignment.training.callbacks import EarlyStopping, metric_key
+from alignment.training.callbacks import EarlyStopping, LogLinePrinter, metric_key
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,15 @@ def train_and_save(trainer: Any, *, method: MethodConfig, model_dir: Path) -> di
     """
     trainer.callback_handler.callbacks.insert(0, RunBooksCallback(trainer))  # first: corrects the summary for all
     trainer.add_callback(CheckpointCallback())  # after HF's flow callback: sees the steps that save
+    if trainer.pop_callback(PrinterCallback) is not None:  # disable_tqdm (no terminal): HF's printer mutates logs
+        trainer.add_callback(LogLinePrinter())
     stopping = None
     if method.early_stopping_patience:
         stopping = EarlyStopping(trainer, method.early_stopping_patience, method.early_stopping_threshold)
         trainer.add_callback(stopping)
     if method.resume_from_checkpoint is not None:
         trainer.args.eval_on_start = False
+        _absolute_step_intervals(trainer.args, Path(method.resume_from_checkpoint))
     result = trainer.train(resume_from_checkpoint=method.resume_from_checkpoint)
     metrics: dict[str, float] = dict(result.metrics)
     state = trainer.state
@@ -255,6 +259,24 @@ def train_and_save(trainer: Any, *, method: MethodConfig, model_dir: Path) -> di
         metrics.update(_best_model_metrics(state, trainer.args.metric_for_best_model, stopping))
     trainer.save_model(str(model_dir))
     return metrics
+
+
+def _absolute_step_intervals(args: TrainingArguments, checkpoint: Path) -> None:
+    """Fractional ``logging/eval/save_steps`` as the step counts a resumed checkpoint's state holds for them.
+
+    HF turns a fraction (``eval_steps=0.25``) into steps of the run's ``max_steps`` in its ``TrainerState``, saves
+    those, and on resume compares them with the arguments: an identical rerun warned "eval_steps: 0.25 (from args)
+    != 8 (from trainer_state.json)". A fraction whose steps of the checkpoint's ``max_steps`` are the saved value is
+    replaced by that value (the resumed run uses the saved one either way); a changed fraction still warns.
+    """
+    path = checkpoint / "trainer_state.json"
+    if not path.is_file():
+        return
+    saved = TrainerState.load_from_json(str(path))
+    for kind in ("logging_steps", "eval_steps", "save_steps"):
+        value, stored = getattr(args, kind), getattr(saved, kind, None)
+        if value is not None and 0 < value < 1 and saved.max_steps > 0 and math.ceil(saved.max_steps * value) == stored:
+            setattr(args, kind, stored)
 
 
 def _best_model_metrics(state: TrainerState, metric: str, stopping: EarlyStopping | None) -> dict[str, float]:

@@ -27,6 +27,10 @@ COLUMNS = ("messages",)
 VALIDATE = partial(row_problems, roles=["assistant"])
 ROLES_LIST = "system, user, assistant, tool"
 GOOD = {"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}
+MESSAGES_HINT = (
+    "hint: the method reads columns messages; the rows lack 'messages'; data options whose rows have them: data=demo"
+)
+"""The line a missing ``messages`` column adds: the demo data has the column."""
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:
@@ -97,6 +101,7 @@ def test_bad_row_reports_line_column_and_reason(tmp_path: Path, row: dict[str, A
     assert str(caught.value).splitlines() == [
         "1 invalid row(s); nothing was trained:",
         f"  {path}:3: {reason}",
+        *([MESSAGES_HINT] if reason.startswith("missing column") else []),
     ]
 
 
@@ -110,6 +115,7 @@ def test_all_bad_rows_listed_in_one_error(tmp_path: Path) -> None:
     assert str(caught.value).splitlines() == [
         "4 invalid row(s); nothing was trained:",
         *(f"  {path}:{2 * i + 2}: {reason}" for i, (_, reason) in enumerate(BAD_ROWS)),
+        MESSAGES_HINT,
     ]
 
 
@@ -134,8 +140,9 @@ def test_eval_file_is_validated_too(tmp_path: Path) -> None:
 
 
 def test_many_bad_rows_are_counted_and_the_listing_capped(tmp_path: Path) -> None:
-    bad = MAX_REPORTED + 5
-    path = _write_lines(tmp_path / "data.jsonl", [json.dumps({"messages": []})] * bad)
+    bad = MAX_REPORTED + 5  # each with its own problem (an unknown role named after its row), so none is grouped
+    rows = [{"messages": [{"role": f"r{i}", "content": "x"}]} for i in range(bad)]
+    path = _write_lines(tmp_path / "data.jsonl", [json.dumps(row) for row in rows])
     with pytest.raises(DataError) as caught:
         _load_jsonl(path)
     lines = str(caught.value).splitlines()
@@ -187,7 +194,8 @@ def test_save_to_disk_source_with_missing_column(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
         load_source(SourceConfig(path=str(folder)), VALIDATE, COLUMNS)
     assert str(caught.value).splitlines()[1:] == [
-        f"  {folder}[train] row {i}: missing column 'messages' (columns present: chat)" for i in range(2)
+        *(f"  {folder}[train] row {i}: missing column 'messages' (columns present: chat)" for i in range(2)),
+        MESSAGES_HINT,
     ]
 
 
@@ -258,3 +266,57 @@ def test_an_emptied_split_names_its_files_the_counts_and_the_reason() -> None:
 def test_an_emptied_split_without_origins_still_names_the_reason() -> None:
     error = empty_split_error("train", Dataset.from_list([{"x": 1}]), {"equal rewards": 2}, unit="groups")
     assert str(error).startswith("train split: all 2 groups dropped (equal rewards)")
+
+
+# Many rows with the same problem: grouped, with the method's columns and the data option that has them
+
+
+def test_gpo_on_the_sft_demo_groups_identical_problems_and_suggests_demo_gpo() -> None:
+    """method=gpo with data=demo: 1000 rows lack the same two columns, reported as two entries and a hint."""
+    from alignment.data.load import resolve_path
+    from alignment.methods.gpo.gpo import COLUMNS as GPO_COLUMNS
+    from alignment.methods.gpo.gpo import row_problems as gpo_row_problems
+
+    with pytest.raises(DataError) as caught:
+        load_source(SourceConfig(path="embedded:train.jsonl"), gpo_row_problems, GPO_COLUMNS)
+    train = resolve_path("embedded:train.jsonl")
+    present = "(columns present: chosen, messages, prompt, rejected)"
+    assert str(caught.value).splitlines() == [
+        "1000 invalid row(s); nothing was trained:",
+        f"  1000 rows: missing column 'completions' {present}",
+        f"    at {train}:1, {train}:2, {train}:3, then {train}:4-1000",
+        f"  1000 rows: missing column 'rewards' {present}",
+        f"    at {train}:1, {train}:2, {train}:3, then {train}:4-1000",
+        "hint: the method reads columns prompt, completions, rewards; the rows lack 'completions', 'rewards'; "
+        "data options whose rows have them: data=demo_gpo",
+    ]
+
+
+def test_a_shared_problem_lists_its_rows_as_ranges_and_rare_ones_stay_in_place() -> None:
+    bad = {"messages": []}
+    rows = [("f.jsonl:1", GOOD), *((f"f.jsonl:{n}", bad) for n in (2, 3, 4, 5, 6, 9, 10, 12))]
+    rows += [("g.jsonl:7", {"messages": "hi"}), ("ds[train] row 4", bad), ("ds[train] row 5", bad)]
+    with pytest.raises(DataError) as caught:
+        check_rows(rows, VALIDATE)
+    empty = "column 'messages': expected a non-empty list of {role, content} messages, got list []"
+    assert str(caught.value).splitlines() == [
+        "11 invalid row(s); nothing was trained:",
+        f"  10 rows: {empty}",
+        "    at f.jsonl:2, f.jsonl:3, f.jsonl:4, then f.jsonl:5-6, f.jsonl:9-10, f.jsonl:12, ds[train] rows 4-5",
+        "  g.jsonl:7: column 'messages': expected a non-empty list of {role, content} messages, got str 'hi'",
+    ]
+
+
+def test_missing_columns_suggest_every_data_option_that_has_them() -> None:
+    """Renamed columns count (demo_classification maps question -> text); hub-only options are not read."""
+    from alignment.data.validate import data_options_with
+
+    assert data_options_with(["text", "label"]) == [
+        "demo_classification",
+        "demo_classification_tags",
+        "demo_classification_verdict",
+    ]
+    assert data_options_with(["prompt", "chosen", "rejected"]) == ["demo", "demo_reward"]
+    assert data_options_with(["no_such_column"]) == []
+    with pytest.raises(DataError, match=r"hint: the rows lack 'x'; rename a column with data.sources"):
+        check_rows([("a:1", {})], lambda row: require_columns(row, ["x"]))
