@@ -193,7 +193,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            learning_check(loss, Path(tmp), steps=args.steps, keep_layers=args.keep_layers) for loss in args.losses
+            learning_check(loss, Path(tmp), steps=args.steps, keep_layers=args.keep_layers, with_exact_match=True)
+            for loss in args.losses
         ]
     print("| loss | KL(T||S) before | after | top-1 agreement before | after | exact match before | after |")
     print("|---|---|---|---|---|---|---|")
