@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignment.methods.distill import distill
-from tests.methods.helpers import ONE_SGD_STEP, Loaded, run_method
+from tests.methods.helpers import ONE_SGD_STEP, Loaded, run_method, trainable
 
 ROWS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."}],
@@ -40,10 +40,16 @@ def data(path: Path) -> list[str]:
 
 
 def one_step(compose: Any, out: Path, rows_file: Path, loaded: Loaded, overrides: list[str]) -> dict[str, Any]:
+    """One SGD step of ``method=distill``: its metrics, first logged step, and the student's weights after/before.
+
+    The student is the run's first loaded model (a teacher in memory is loaded after it).
+    """
+    start = len(loaded.models)
     metrics = run_method(distill.run, compose, out, [*ONE_SGD_STEP, "method=distill", *data(rows_file), *overrides])
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     step = next(e for e in logs if "loss" in e)
-    return {"metrics": metrics, "step": step, "params": loaded.trainable(), "initial": loaded.initial}
+    student, initial = loaded.models[start], loaded.initials[start]
+    return {"metrics": metrics, "step": step, "params": trainable(student), "initial": initial}
 
 
 def assert_params_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
