@@ -352,7 +352,7 @@ def test_shipped_demo_reward_pairs_match_the_generator_and_differ_only_in_releva
 
 @pytest.mark.slow
 def test_smollm2_reward_model_ranks_held_out_demo_pairs(compose: Any, tmp_path: Path) -> None:
-    """SmolLM2-135M with LoRA, 8 steps of 8 ``data=demo_reward`` pairs: all 100 held-out pairs ranked right.
+    """SmolLM2-135M with LoRA, 8 steps of 8 ``data=demo_reward`` pairs: 50 held-out pairs ranked right.
 
     What the model learns is relevance, not arithmetic: both answers are true equations with the question's
     operator, and only the chosen one has the question's operands, so ranking means matching the answer's operands
@@ -366,6 +366,7 @@ def test_smollm2_reward_model_ranks_held_out_demo_pairs(compose: Any, tmp_path: 
         "model.lora.enabled=true",
         "method=reward",
         "data=demo_reward",
+        "data.max_eval_samples=50",
         "logger=none",
         "method.max_steps=8",
         "method.per_device_train_batch_size=8",
@@ -383,6 +384,6 @@ def test_smollm2_reward_model_ranks_held_out_demo_pairs(compose: Any, tmp_path: 
     print({k: (before[k], after[k]) for k in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss")})
     assert (before["step"], after["step"]) == (0, 8)
     assert before["eval_rewards/accuracies"] < 0.65  # an untrained head ranks at about chance
-    assert after["eval_rewards/accuracies"] >= 0.9  # 90 of the 100 held-out pairs
+    assert after["eval_rewards/accuracies"] >= 0.9  # 45 of the 50 held-out pairs
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 1.0
     assert after["eval_loss"] < 0.2 < before["eval_loss"]
