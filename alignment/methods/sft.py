@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
 from alignment.data.validate import (
@@ -46,23 +46,15 @@ COLUMN = "messages"
 
 
 @dataclass
-class SftConfig(MethodConfig):
-    """Supervised fine-tuning."""
+class ConversationConfig(MethodConfig):
+    """What every method that trains on ``messages`` conversations shares (SFT, distillation)."""
 
-    name: str = "sft"
-    """Registry key."""
     train_on_roles: list[str] = field(default_factory=lambda: ["assistant"])
     """Roles whose turns carry loss (every such turn, end-of-turn token included)."""
     system_prompt: str | None = None
     """System message injected into dialogues that have none."""
     model_support_system_role: bool = True
     """False folds the system text into the first user turn (for templates without a system role)."""
-    max_length: int = bounded(1024, ge=1)
-    """Tokens per sequence; longer conversations are cut at the end (counted and reported)."""
-    packing: bool = False
-    """Pack several conversations into each ``max_length`` row (best-fit decreasing, padding-free)."""
-    padding_free: bool = False
-    """Concatenate each micro-batch into one row with position ids instead of padding."""
     num_generation_samples: int = bounded(16, ge=0)
     """Eval prompts generated at every evaluation (0 disables); the same prompts each time."""
     max_new_tokens: int = bounded(64, ge=1)
@@ -74,6 +66,20 @@ class SftConfig(MethodConfig):
         if unknown or not self.train_on_roles:
             # A typo would otherwise reject every row as having no trained turn.
             raise ValueError(f"method.train_on_roles must be a non-empty subset of {ROLES}, got {self.train_on_roles}")
+
+
+@dataclass
+class SftConfig(ConversationConfig):
+    """Supervised fine-tuning."""
+
+    name: str = "sft"
+    """Registry key."""
+    max_length: int = bounded(1024, ge=1)
+    """Tokens per sequence; longer conversations are cut at the end (counted and reported)."""
+    packing: bool = False
+    """Pack several conversations into each ``max_length`` row (best-fit decreasing, padding-free)."""
+    padding_free: bool = False
+    """Concatenate each micro-batch into one row with position ids instead of padding."""
 
 
 def row_problems(row: Mapping[str, Any], *, roles: list[str]) -> list[str]:
@@ -128,15 +134,7 @@ def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConf
     return kept.remove_columns("truncated")
 
 
-class ConversationSettings(Protocol):
-    """The settings that shape a conversation's prompt (SFT's and distillation's configs have them)."""
-
-    system_prompt: str | None
-    model_support_system_role: bool
-    num_generation_samples: int
-
-
-def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: ConversationSettings) -> list[EvalPrompt]:
+def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: ConversationConfig) -> list[EvalPrompt]:
     """Prompts for sample generation: each eval conversation up to its last assistant turn, which is the reference."""
     prompts = []
     for row in dataset.select(range(min(cfg.num_generation_samples, len(dataset)))):

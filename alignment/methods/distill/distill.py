@@ -30,12 +30,12 @@ from enum import StrEnum
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from alignment.data.validate import ROLES, RowChecks
+from alignment.data.validate import RowChecks
 from alignment.methods import sft
 from alignment.methods.distill.divergences import TAU_SQUARED_LOSSES, TOPK_LOSSES, Divergence
 from alignment.models.config import ModelConfig
-from alignment.ranges import bounded, check_fields
-from alignment.task import MethodConfig, TaskConfig
+from alignment.ranges import bounded
+from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
     from alignment.config import RunConfig
@@ -80,7 +80,7 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
-class DistillConfig(MethodConfig):
+class DistillConfig(sft.ConversationConfig):
     """Knowledge distillation from a frozen teacher into the run's model."""
 
     name: str = "distill"
@@ -108,13 +108,7 @@ class DistillConfig(MethodConfig):
     hard_label_weighting: bool = False
     """Weight each token's divergence by (1 - p_S(y)) * p_T(y) (temperature-1 probabilities, no gradient)."""
     tokens: CountedTokens = CountedTokens.completion
-    """Which tokens count: the trained roles' completions, or all."""
-    train_on_roles: list[str] = field(default_factory=lambda: ["assistant"])
-    """Roles whose turns count (``tokens=completion``)."""
-    system_prompt: str | None = None
-    """System message injected into dialogues that have none."""
-    model_support_system_role: bool = True
-    """False folds the system text into the first user turn."""
+    """Which tokens count: the completions of ``train_on_roles``, or all."""
     max_length: int = bounded(1024, ge=2)
     """Tokens per sequence; longer conversations are cut at the end."""
     teacher_source: TeacherSource = TeacherSource.model
@@ -128,16 +122,9 @@ class DistillConfig(MethodConfig):
     a chunk's logits at 4M values (16 MiB in fp32), so the loss path's memory does not grow with the vocabulary."""
     chunked: bool = True
     """False computes the loss on full logits (eager; for comparison only)."""
-    num_generation_samples: int = bounded(16, ge=0)
-    """Eval prompts generated at every evaluation (0 disables)."""
-    max_new_tokens: int = bounded(64, ge=1)
-    """Token budget of each sample generation."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "method")
-        unknown = [r for r in self.train_on_roles if r not in ROLES]
-        if unknown or not self.train_on_roles:
-            raise ValueError(f"method.train_on_roles must be a non-empty subset of {ROLES}, got {self.train_on_roles}")
+        super().__post_init__()  # ranges and train_on_roles
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("method.kd_weight and method.ce_weight are both 0: nothing would be learned")
         if self.uses_topk_cache:
