@@ -5,6 +5,7 @@ as ``error: <message>`` on stderr and exit 1. Anything else is a bug and keeps i
 ``HYDRA_FULL_ERROR=1`` (or its alias ``ALIGNMENT_DEBUG=1``) shows the full traceback of every error.
 A submitting ``hydra/launcher`` without ``-m`` is refused before the run starts (:class:`RunModeCheck`).
 A run that fails still records its error in ``results.json`` first (:func:`alignment.runner.write_failure`).
+Sweep job folders get readable names through the ``alignment.job_dir`` resolver (:func:`register_resolvers`).
 
 Importing this module (which ``launch.py`` does) loads no ML stack.
 """
@@ -27,6 +28,7 @@ from alignment.config import ConfigError, RunConfig, UnknownKeyError
 from alignment.data.validate import DataError
 from alignment.distributed import DistributedSetupError
 from alignment.ranges import RangeError
+from alignment.redact import sweep_job_dirname
 from alignment.registry import METHODS
 from alignment.runner import ObjectiveNotFoundError
 
@@ -77,6 +79,30 @@ class RunModeCheck(Callback):
         problem = launcher_mode_problem(choices.get("hydra/launcher") if choices is not None else None)
         if problem is not None:
             raise SystemExit(f"error: {problem}")
+
+
+def job_dir(num: int, override_dirname: str, *, _root_: DictConfig) -> str:
+    """``${alignment.job_dir:${hydra.job.num},${hydra.job.override_dirname}}``: a sweep job's folder name.
+
+    :func:`alignment.redact.sweep_job_dirname` of the job; the overrides it redacts and Hydra's ``kv_sep`` come
+    from the config root (``hydra.overrides.task``, ``hydra.job.config.override_dirname.kv_sep``).
+    """
+    hydra = _root_.hydra
+    overrides = [str(o) for o in hydra.overrides.task]
+    return sweep_job_dirname(int(num), str(override_dirname), overrides, str(hydra.job.config.override_dirname.kv_sep))
+
+
+def register_resolvers() -> None:
+    """Register this project's OmegaConf resolvers (``alignment.job_dir``, used by ``hydra.sweep.subdir``).
+
+    Called when this module is imported: ``launch.py`` imports it before Hydra composes, and a SLURM array task,
+    which never runs ``launch.py``'s module code, imports it when it unpickles the :class:`RunModeCheck` callback,
+    before Hydra resolves ``hydra.sweep.subdir`` there.
+    """
+    OmegaConf.register_new_resolver("alignment.job_dir", job_dir, replace=True)
+
+
+register_resolvers()
 
 
 def _schema_fields(schema: type) -> list[str]:

@@ -3,9 +3,9 @@
 ``python -m alignment.report multirun/<date>/<time>`` reads what the runner wrote in each job directory
 (``config.yaml``, ``environment.json``, ``metrics.jsonl``, ``results.json``) and writes beside them:
 
-* ``report.csv`` and ``report.md``: job, the overrides that differ between jobs, status, steps, wall time,
-  final train/eval loss, the best value of the objective (``--objective``, default ``eval_loss``) and its step,
-  and every other final ``eval_*`` metric;
+* ``report.csv`` and ``report.md``: job (its folder name, ``<job number>_<overrides>``), the overrides that differ
+  between jobs, status, steps, wall time, final train/eval loss, the best value of the objective (``--objective``,
+  default ``eval_loss``) and its step, and every other final ``eval_*`` metric;
 * ``curves.png``: train loss and the objective against the step, one line per job, each method on its own axes
   (losses of different methods are not comparable); ``report_curves.png`` when the directory is a single run's,
   whose own ``curves.png`` it keeps;
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from alignment.context import failure, read_results
 from alignment.plots import curves_from, draw_panel, new_figure, read_jsonl
+from alignment.redact import job_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +56,7 @@ class JobReport:
     """What one job directory says about its run."""
 
     name: str
-    """Job directory name (Hydra's job number)."""
+    """Job directory name: ``<job number>_<overrides>`` (:func:`alignment.redact.sweep_job_dirname`)."""
     overrides: list[str]
     """The job's command-line overrides, as the runner recorded them (secrets redacted)."""
     status: str
@@ -162,7 +163,8 @@ def slurm_states(sweep_dir: Path) -> dict[str, str]:
     """``job number -> SLURM state`` from ``sacct`` for the array tasks in ``<sweep>/.submitit``; {} without SLURM.
 
     Hydra's submitit launcher names each task's folder ``<array id>_<task index>``; the task index is the job
-    number within the launched batch (the report assumes one batch, as the basic sweeper launches).
+    number within the launched batch (the report assumes one batch, as the basic sweeper launches), which
+    :func:`build` reads back from the job folder's name (:func:`alignment.redact.job_number`).
     """
     folders = [m for p in (sweep_dir / ".submitit").glob("*_*") if (m := _ARRAY_TASK.match(p.name))]
     if not folders or shutil.which("sacct") is None:
@@ -202,7 +204,11 @@ def build(sweep_dir: Path, *, objective: str = "eval_loss", mode: Mode = Mode.mi
     if not dirs:
         raise FileNotFoundError(f"{sweep_dir}: no job directory with config.yaml (is this a multirun sweep dir?)")
     states = slurm_states(sweep_dir)
-    return [read_job(d, objective=objective, mode=mode, scheduler_state=states.get(d.name)) for d in dirs]
+    nums = [job_number(d.name) for d in dirs]
+    return [
+        read_job(d, objective=objective, mode=mode, scheduler_state=None if n is None else states.get(str(n)))
+        for d, n in zip(dirs, nums, strict=True)
+    ]
 
 
 def _fmt(value: float | int | None) -> str:
@@ -297,6 +303,13 @@ def print_table(header: list[str], table: list[list[str]], common: list[str], ti
     console.print(rich_table)
 
 
+def _label(name: str, overrides: str) -> str:
+    """A job's legend entry: its number and the overrides that differ (the folder name can be 200 characters)."""
+    num = job_number(name)
+    short = name if num is None else str(num)
+    return f"{short}: {overrides}" if overrides else short
+
+
 def report(
     sweep_dir: Path, *, objective: str = "eval_loss", mode: Mode = Mode.min, out_dir: Path | None = None
 ) -> dict[str, Path]:
@@ -310,7 +323,7 @@ def report(
     paths = {"csv": out / "report.csv", "markdown": out / "report.md", "plot": out / plot_name}
     write_csv(paths["csv"], header, table)
     write_markdown(paths["markdown"], header, table, common)
-    plot(paths["plot"], jobs, objective, [f"{r[0]}: {r[1]}" if r[1] else r[0] for r in table])
+    plot(paths["plot"], jobs, objective, [_label(job.name, r[1]) for job, r in zip(jobs, table, strict=True)])
     print_table(
         header[:_CONSOLE_COLUMNS], [r[:_CONSOLE_COLUMNS] for r in table], common, title=str(sweep_dir.resolve())
     )

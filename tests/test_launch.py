@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from alignment.models.config import Dtype
+from alignment.redact import job_number
 from alignment.registry import METHODS
 from tests.conftest import ROOT, launch
 
@@ -161,26 +162,35 @@ SWEEP = [
     "method.save_steps=1",
     "method.num_generation_samples=2",
     "logger=none",
-    f"logger.project={FAKE_KEY}",
+    f"logger.project=team/{FAKE_KEY}",  # a secret and a '/' in one value: the job folder names show neither
     "data.max_eval_samples=8",
+]
+# Hydra's override_dirname (sorted, ``logger=none`` excluded) behind the job number, redacted, '/' as '_'.
+JOB_NAMES = [
+    f"{num}_data.max_eval_samples=8,logger.project=team_redacted,method.eval_steps=2,method.learning_rate={lr},"
+    "method.max_steps=2,method.num_generation_samples=2,method.save_steps=1,model=tiny_random"
+    for num, lr in [(0, "0.0001"), (1, "0.0002")]
 ]
 
 
 def _job_dirs(tmp_path: Path) -> list[Path]:
-    """``multirun/<date>/<time>/<job>`` folders; exactly one sweep is expected."""
+    """``multirun/<date>/<time>/<num>_<overrides>`` folders, by job number; exactly one sweep is expected."""
     sweeps = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
     assert len(sweeps) == 1, sweeps
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", sweeps[0].relative_to(tmp_path / "multirun").as_posix())
-    return sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    return sorted((p for p in sweeps[0].iterdir() if p.is_dir()), key=lambda p: job_number(p.name) or 0)
 
 
 @pytest.mark.slow
 def test_local_sweep_writes_one_complete_run_dir_per_job(tmp_path: Path) -> None:
-    """Two 2-step SFT jobs of the tiny model: each has its config, environment, metrics, results and model."""
+    """Two 2-step SFT jobs of the tiny model: each has its config, environment, metrics, results and model.
+
+    The job folders are named by their overrides: no secret, no nested folder for the '/' in a value.
+    """
     result = launch(SWEEP, cwd=tmp_path)
     assert result.returncode == 0, _output(result)[-4000:]
     jobs = _job_dirs(tmp_path)
-    assert [job.name for job in jobs] == ["0", "1"]
+    assert [job.name for job in jobs] == JOB_NAMES
     for job, learning_rate in zip(jobs, [1e-4, 2e-4], strict=True):
         config = yaml.safe_load((job / "config.yaml").read_text(encoding="utf-8"))
         assert config["method"]["learning_rate"] == pytest.approx(learning_rate)

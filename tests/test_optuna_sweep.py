@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alignment.redact import job_number
 from alignment.runner import ObjectiveNotFoundError, objective_value
 from tests.conftest import launch
 
@@ -69,14 +70,19 @@ def test_a_three_trial_study_of_the_example_experiment(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     sweep = tmp_path / "sweep"
-    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
-    assert [j.name for j in jobs] == ["0", "1", "2"]
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: job_number(p.name) or 0)
+    assert [job_number(j.name) for j in jobs] == [0, 1, 2]
     trials = []
     for job in jobs:
         value = json.loads((job / "results.json").read_text(encoding="utf-8"))[objective]
         method = yaml.safe_load((job / "config.yaml").read_text(encoding="utf-8"))["method"]
         assert method["name"] == "smpo"
         assert method["max_steps"] == 1
+        # the folder is named by the trial's overrides (objective and logger left out, data=debug/smpo flat)
+        assert job.name.startswith(
+            f"{job_number(job.name)}_data.max_eval_samples=4,data.num_train_samples=8,data=debug_smpo,"
+            f"experiment=optuna_smpo,method.beta={method['beta']},method.learning_rate={method['learning_rate']},"
+        ), job.name
         trials.append((value, {"method.beta": method["beta"], "method.learning_rate": method["learning_rate"]}))
     assert all(math.isfinite(value) for value, _ in trials)
     assert len({tuple(params.values()) for _, params in trials}) == 3  # three different points were tried

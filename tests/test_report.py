@@ -171,3 +171,25 @@ def test_a_single_run_keeps_its_own_curves_png(tmp_path: Path) -> None:
     assert main([str(run)]) == 0
     assert (run / "curves.png").read_bytes() == b"the run's own plot"
     assert (run / "report_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_named_job_folders_keep_their_order_names_and_slurm_states(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``<num>_<overrides>`` folders: sorted by job number (10 after 2), shown by name, sacct state by number."""
+    import alignment.report as report_module
+
+    records = [{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 2.1}]
+    for num, method, done in [(2, "dpo", True), (10, "smpo", False)]:
+        job = _job(tmp_path, num, [f"method={method}"], records, results=done)
+        job.rename(tmp_path / f"{num}_method={method}")
+    # sacct answers by array task index = job number; job 2's own results.json wins over its state
+    monkeypatch.setattr(report_module, "slurm_states", lambda _: {"2": "COMPLETED", "10": "RUNNING"})
+    jobs = build(tmp_path)
+    assert [(j.name, j.status) for j in jobs] == [("2_method=dpo", "completed"), ("10_method=smpo", "RUNNING")]
+    assert main([str(tmp_path)]) == 0
+    with (tmp_path / "report.csv").open() as handle:
+        assert [(r["job"], r["overrides"]) for r in csv.DictReader(handle)] == [
+            ("2_method=dpo", "method=dpo"),
+            ("10_method=smpo", "method=smpo"),
+        ]

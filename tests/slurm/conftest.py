@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from alignment.redact import job_number
 from tests.conftest import ROOT, launch
 
 START = ROOT / "scripts" / "slurm_local.sh"
@@ -74,10 +75,11 @@ def squeue_ids() -> list[str]:
 
 
 def job_dirs(sweep_root: Path) -> list[Path]:
-    """``multirun/<date>/<time>/<num>`` job directories under a test's working directory (one sweep expected)."""
+    """``multirun/<date>/<time>/<num>_<overrides>`` job directories of a test's one sweep, by job number."""
     sweeps = sorted(p for p in sweep_root.glob("multirun/*/*") if p.is_dir())
     assert len(sweeps) == 1, sweeps
-    return sorted((p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    numbered = [(num, p) for p in sweeps[0].iterdir() if p.is_dir() and (num := job_number(p.name)) is not None]
+    return [p for _, p in sorted(numbered)]
 
 
 def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.5) -> None:

@@ -64,7 +64,7 @@ def test_two_rank_ddp_job_saves_on_the_signal_requeues_and_resumes(slurm_cluster
         text=True,
     )
     try:
-        wait_for(lambda: list(tmp_path.glob("multirun/*/*/0/metrics.jsonl")), 240, "training to start", 0.05)
+        wait_for(lambda: list(tmp_path.glob("multirun/*/*/0_*/metrics.jsonl")), 240, "training to start", 0.05)
         (job_id,) = squeue_ids()
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         wait_for(lambda: _state(job_id)[0] == "PENDING", 120, "the job to be requeued")
@@ -86,7 +86,7 @@ def test_two_rank_ddp_job_saves_on_the_signal_requeues_and_resumes(slurm_cluster
     saved = re.findall(r"preempted: saved checkpoint-(\d+) in \S+; exiting cleanly", logs)
     assert len(saved) == 2, logs[-6000:]
     assert len(set(saved)) == 1, f"the ranks saved different steps: {saved}"
-    launch_log = (sweep / "0" / "launch.log").read_text(errors="replace")  # the task process's log, once
+    launch_log = (job_dirs(tmp_path)[0] / "launch.log").read_text(errors="replace")  # the task process's log, once
     resumed = re.findall(r"resuming the interrupted run from \S+/checkpoint-(\d+)", launch_log)
     assert resumed == saved[:1], launch_log[-6000:]
     assert 1 <= int(saved[0]) < MAX_STEPS

@@ -77,7 +77,7 @@ def test_interrupted_job_requeues_and_resumes_to_the_last_step(slurm_cluster: st
         text=True,
     )
     try:
-        wait_for(lambda: list(tmp_path.glob("multirun/*/*/0/metrics.jsonl")), 240, "training to start", 0.05)
+        wait_for(lambda: list(tmp_path.glob("multirun/*/*/0_*/metrics.jsonl")), 240, "training to start", 0.05)
         (job_id,) = squeue_ids()
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         wait_for(lambda: _state(job_id)[0] == "PENDING", 120, "the job to be requeued")
@@ -92,7 +92,7 @@ def test_interrupted_job_requeues_and_resumes_to_the_last_step(slurm_cluster: st
         if slurm.poll() is None:
             slurm.kill()
     sweep = next(tmp_path.glob("multirun/*/*"))
-    logs = job_logs(sweep) + (sweep / "0" / "launch.log").read_text(errors="replace")
+    logs = job_logs(sweep) + (job_dirs(tmp_path)[0] / "launch.log").read_text(errors="replace")
     assert slurm.returncode == 0, out[-3000:] + logs[-6000:]
     assert "Requeued job" in logs, logs[-6000:]
     assert result_writes(sweep) == 1, "the requeued attempt wrote a result file too: " + logs[-6000:]

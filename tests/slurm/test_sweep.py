@@ -25,6 +25,12 @@ TINY = [
     "logger=none",
     "data.max_eval_samples=4",
 ]
+# <job number>_<overrides>: hydra.* and hydra/launcher, and logger, are not in the names
+NAMES = [
+    f"{num}_data.max_eval_samples=4,method.eval_steps=2,method.max_steps=2,method.per_device_train_batch_size=2,"
+    f"method.save_strategy=no,method={method},model=tiny_random"
+    for num, method in [(0, "dpo"), (1, "smpo")]
+]
 
 
 @pytest.mark.slow
@@ -62,7 +68,7 @@ def test_two_job_sweep_through_the_slurm_preset(slurm_cluster: str, tmp_path: Pa
         f"\n[slurm] submit returned in {submit_s:.1f}s; both jobs done {time.monotonic() - started:.1f}s after submit"
     )
     jobs = job_dirs(tmp_path)
-    assert [j.name for j in jobs] == ["0", "1"], job_logs(sweep)
+    assert [j.name for j in jobs] == NAMES, job_logs(sweep)  # resolved on the compute node: same names as locally
     for job, method in zip(jobs, ["dpo", "smpo"], strict=True):
         assert yaml.safe_load((job / "config.yaml").read_text())["method"]["name"] == method
         results = json.loads((job / "results.json").read_text(encoding="utf-8"))
@@ -81,7 +87,7 @@ def test_two_job_sweep_through_the_slurm_preset(slurm_cluster: str, tmp_path: Pa
     with (sweep / "report.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["job"], r["overrides"], r["status"], r["steps"]) for r in rows] == [
-        ("0", "method=dpo", "completed", "2"),
-        ("1", "method=smpo", "completed", "2"),
+        (NAMES[0], "method=dpo", "completed", "2"),
+        (NAMES[1], "method=smpo", "completed", "2"),
     ]
     assert (sweep / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
