@@ -178,7 +178,27 @@ def _teardown_wandb(wandb: Any) -> None:
 
 
 def log_samples(cfg: LoggerConfig, run: RunContext, rows: Sequence[dict[str, Any]], step: int) -> None:
-    """Send sample generations (list of flat dicts) to the active tracker as a table."""
+    r"""Send sample generations (list of flat dicts) to the active tracker as the ``eval/samples`` table.
+
+    The console gets one short line per sample (the full rows are in ``generations/step_<N>.jsonl``): the origin's
+    file name and line, then every other column but the prompt, newlines shown as \\n, each cut short.
+    """
+    if cfg.backend is LoggerBackend.console:
+        for row in rows[:_CONSOLE_SAMPLES]:
+            origin = str(row.get("origin", ""))
+            shown = " | ".join(f"{k}: {_short(v)}" for k, v in row.items() if k not in ("prompt", "origin"))
+            log.info("sample @%d %s | %s", step, Path(origin).name if origin else "-", shown)
+        return
+    log_table(cfg, run, "eval/samples", rows, step, series="generations")
+
+
+def log_table(
+    cfg: LoggerConfig, run: RunContext, key: str, rows: Sequence[dict[str, Any]], step: int, *, series: str = "table"
+) -> None:
+    """Send a table (list of flat dicts) to the active tracker under ``key``; the console backend prints nothing.
+
+    ClearML files it as title ``key`` with ``/`` as a space, and ``series``.
+    """
     if not rows:
         return
     columns = list(rows[0])
@@ -187,28 +207,22 @@ def log_samples(cfg: LoggerConfig, run: RunContext, rows: Sequence[dict[str, Any
 
         if wandb.run is not None:
             table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-            wandb.run.log({"eval/samples": table, "train/global_step": step})
+            wandb.run.log({key: table, "train/global_step": step})
     elif cfg.backend is LoggerBackend.clearml:
         import pandas as pd
         from clearml import Task
 
         task = Task.current_task()
         if task is not None:
-            task.get_logger().report_table("eval samples", "generations", iteration=step, table_plot=pd.DataFrame(rows))
+            title = key.replace("/", " ")
+            task.get_logger().report_table(title, series, iteration=step, table_plot=pd.DataFrame(rows))
     elif cfg.backend is LoggerBackend.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(run.output_dir / "tensorboard")) as writer:
             header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
             body = "".join("| " + " | ".join(_cell(row[c]) for c in columns) + " |\n" for row in rows)
-            writer.add_text("eval/samples", header + body, global_step=step)
-    elif cfg.backend is LoggerBackend.console:
-        # One short line per sample (the full rows are in generations/step_<N>.jsonl): the origin's file name and
-        # line, then every other column but the prompt, newlines shown as \n, each cut to _CONSOLE_WIDTH.
-        for row in rows[:_CONSOLE_SAMPLES]:
-            origin = str(row.get("origin", ""))
-            shown = " | ".join(f"{k}: {_short(v)}" for k, v in row.items() if k not in ("prompt", "origin"))
-            log.info("sample @%d %s | %s", step, Path(origin).name if origin else "-", shown)
+            writer.add_text(key, header + body, global_step=step)
 
 
 def interactive_console() -> bool:

@@ -27,6 +27,7 @@ from alignment.methods import sft
 from alignment.methods.distill import distill, distill_cache
 from alignment.methods.gpo import gpo
 from alignment.methods.pairwise import core, cpo, dpo, orpo, simpo, smpo
+from alignment.methods.prompt_opt import prompt_opt
 from alignment.methods.seqcls import classification, reward
 from alignment.models.config import ModelConfig
 from alignment.task import TaskConfig
@@ -59,6 +60,7 @@ METHODS: dict[str, Method] = {
     "classification": Method(classification.ClassificationConfig, classification.run, classification.row_checks),
     "gpo": Method(gpo.GpoConfig, gpo.run, gpo.row_checks),
     "distill": Method(distill.DistillConfig, distill.run, distill.row_checks),
+    "prompt_opt": Method(prompt_opt.PromptOptConfig, prompt_opt.run, prompt_opt.row_checks),
     "distill_cache": Method(distill_cache.DistillCacheConfig, distill_cache.run, distill.row_checks),
     "generate": Method(generate.GenerateConfig, generate.run, None),
     "rejection_sampling": Method(rejection_sampling.RejectionSamplingConfig, rejection_sampling.run, None),

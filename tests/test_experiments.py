@@ -150,7 +150,10 @@ def test_debug_trains(debug_jobs: dict[str, Path], method: str) -> None:
     results = json.loads((job / "results.json").read_text(encoding="utf-8"))
     assert math.isfinite(results["train_loss"])
     assert math.isfinite(results["eval_loss"])
-    assert (job / "model" / "config.json").is_file()
+    if method == "prompt_opt":  # the frozen model is not saved: the learned prompts and their codebook are
+        assert (job / "best_prompt.txt").read_text(encoding="utf-8")
+    else:
+        assert (job / "model" / "config.json").is_file()
     assert list((job / "model").glob("*.safetensors"))
 
 

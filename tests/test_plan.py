@@ -198,6 +198,7 @@ METHOD_DATA = {
     "gpo": "demo_gpo",
     "distill": "demo",
     "distill_cache": "demo",
+    "prompt_opt": "demo",
 }
 
 

@@ -70,6 +70,8 @@ UNBOUNDED: dict[str, str] = {
     "SamplingConfig.seed": "sent to the server as is; the server decides what a seed means",
     "DistillConfig.ab_alpha": "any real alpha defines an AB-divergence; its limits (0, -beta) are handled",
     "DistillConfig.ab_beta": "any real beta defines an AB-divergence; its limits (0, -alpha) are handled",
+    "PromptOptConfig.forbidden_token_ids": "a list of token ids: negatives fail at compose time, ids past the "
+    "model's vocabulary when the tokenizer is read (before any weights load)",
 }
 """Numeric fields that deliberately declare no range, with the reason."""
 UNBOUNDED_FOUND: set[str] = set()
@@ -114,7 +116,11 @@ def _cases() -> list[Case]:
 
 CASES = _cases()
 # A value in range that a method's own cross-field checks would still reject: what they need besides.
-EXTRA = {"method.label_smoothing": ("method.loss_type=[aot]",)}  # dpo: label_smoothing acts on aot only
+EXTRA = {
+    ("method=dpo", "method.label_smoothing"): ("method.loss_type=[aot]",),  # label_smoothing acts on aot only
+    ("method=prompt_opt", "method.gumbel_temp_end"): ("method.gumbel_temp=10.0",),  # must stay <= gumbel_temp
+}
+"""Overrides a (method, key) case needs besides the value (rules across fields)."""
 
 
 def _number(value: float, hint: Any) -> float:
@@ -144,7 +150,7 @@ def good_values(case: Case) -> list[float]:
 
 def override(case: Case, value: float) -> tuple[list[str], str]:
     """The overrides that set the field to ``value``, and the key the error must name."""
-    extra = list(EXTRA.get(case.key, ())) if case.overrides[:1] == ("method=dpo",) else []
+    extra = list(EXTRA.get((case.overrides[0], case.key), ())) if case.overrides else []
     origin = typing.get_origin(case.hint)
     if "[0]." in case.key:  # a field of a list item: replace the list with one item
         group, field = case.key.split("[0].")

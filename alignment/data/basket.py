@@ -231,3 +231,11 @@ def write_demo_basket(path: Path = DEMO_BASKET) -> Path:
 
 if __name__ == "__main__":
     print(write_demo_basket())
+
+
+def basket_system_prompt(global_system_prompt: str | None, system_prompt_file: str | None) -> str | None:
+    """A tool's prompt for basket rows without their own: inline, or the text of a file (not both)."""
+    from alignment.data.chat_template import system_prompt_text
+
+    names = ("method.global_system_prompt", "method.system_prompt_file")
+    return system_prompt_text(global_system_prompt, system_prompt_file, names=names)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,6 +54,24 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, g
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
     assert isinstance(text, str)
     return text
+
+
+def system_prompt_text(text: str | None, file: str | None, *, names: tuple[str, str]) -> str | None:
+    """The system prompt given inline (``names[0]``) or as a file (``names[1]``); None when neither is set.
+
+    The file (e.g. a prompt_opt run's ``best_prompt.txt``) is read as UTF-8, verbatim.
+
+    Raises:
+        ValueError: both are set, or the file does not exist.
+    """
+    if text is not None and file is not None:
+        raise ValueError(f"{names[0]} and {names[1]} are both set; give one of them")
+    if file is None:
+        return text
+    path = Path(file)
+    if not path.is_file():
+        raise ValueError(f"{names[1]}={file}: no such file")
+    return path.read_text(encoding="utf-8")
 
 
 def prepare_messages(

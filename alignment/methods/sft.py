@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from alignment.data.chat_template import EvalPrompt, prepare_messages, render, tokenize_conversation
+from alignment.data.chat_template import (
+    EvalPrompt,
+    prepare_messages,
+    render,
+    system_prompt_text,
+    tokenize_conversation,
+)
 from alignment.data.validate import (
     ORIGIN,
     ROLES,
@@ -53,6 +59,8 @@ class ConversationConfig(MethodConfig):
     """Roles whose turns carry loss (every such turn, end-of-turn token included)."""
     system_prompt: str | None = None
     """System message injected into dialogues that have none."""
+    system_prompt_file: str | None = None
+    """File whose text is that system message (e.g. ``<prompt_opt run>/best_prompt.txt``); not with the above."""
     model_support_system_role: bool = True
     """False folds the system text into the first user turn (for templates without a system role)."""
     num_generation_samples: int = bounded(16, ge=0)
@@ -62,10 +70,16 @@ class ConversationConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_fields(self, "method")
+        self.system_text()  # both set, or a missing file, fails when the config is built
         unknown = [r for r in self.train_on_roles if r not in ROLES]
         if unknown or not self.train_on_roles:
             # A typo would otherwise reject every row as having no trained turn.
             raise ValueError(f"method.train_on_roles must be a non-empty subset of {ROLES}, got {self.train_on_roles}")
+
+    def system_text(self) -> str | None:
+        """The system message to inject: ``system_prompt``, or the text of ``system_prompt_file``."""
+        names = ("method.system_prompt", "method.system_prompt_file")
+        return system_prompt_text(self.system_prompt, self.system_prompt_file, names=names)
 
 
 @dataclass
@@ -110,7 +124,7 @@ def _tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: SftConf
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         messages = prepare_messages(
             row[COLUMN],
-            system_prompt=cfg.system_prompt,
+            system_prompt=cfg.system_text(),
             model_support_system_role=cfg.model_support_system_role,
         )
         out = tokenize_conversation(tokenizer, messages, cfg.train_on_roles, cfg.max_length)
@@ -140,7 +154,7 @@ def eval_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Conv
     for row in dataset.select(range(min(cfg.num_generation_samples, len(dataset)))):
         messages = prepare_messages(
             row[COLUMN],
-            system_prompt=cfg.system_prompt,
+            system_prompt=cfg.system_text(),
             model_support_system_role=cfg.model_support_system_role,
         )
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

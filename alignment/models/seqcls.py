@@ -104,10 +104,17 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    **inputs: torch.Tensor,
+) -> torch.Tensor:
     """Head output at each sequence's last attended token, ``(batch, num_labels)``; gradients flow through it.
 
-    ``input_ids`` and ``attention_mask`` are ``(batch, seq)``, padded on either side.
+    ``input_ids`` and ``attention_mask`` are ``(batch, seq)``, padded on either side. ``input_ids`` may be None
+    with ``inputs_embeds`` in ``inputs`` (and ``position_ids``): the pooling reads the mask, so it is right where
+    HF's own pooling (which cannot see padding in embeddings) takes the last position.
     """
     import torch
 
@@ -118,7 +125,7 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
     handle = head_module(model).register_forward_hook(keep)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
     finally:
         handle.remove()
     per_token = captured[-1]

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignment.data.basket import BasketFields
+from alignment.data.basket import BasketFields, basket_system_prompt
 from alignment.inference.openai_batch import ClientConfig, RunSummary, SamplingConfig
-from alignment.ranges import bounded
+from alignment.ranges import bounded, check_fields
 from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ class GenerateConfig(TaskConfig):
     """Basket column names."""
     global_system_prompt: str | None = None
     """System prompt for rows without their own (a row's ``system_prompt`` wins)."""
+    system_prompt_file: str | None = None
+    """File whose text is ``global_system_prompt`` (e.g. ``<prompt_opt run>/best_prompt.txt``); not with it."""
     served_model_name: str | None = None
     """Model name sent to the server; None sends ``model.name_or_path``."""
     output_path: str | None = None
@@ -51,6 +53,10 @@ class GenerateConfig(TaskConfig):
     allow_failures: float = bounded(0.0, ge=0, le=1)
     """Fraction of the basket's rows that may fail (after retries, into the errors file) with the run still
     succeeding; beyond it the run fails (non-zero exit), after writing what succeeded."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "method")
+        basket_system_prompt(self.global_system_prompt, self.system_prompt_file)  # both set, or no such file
 
 
 def output_paths(cfg: GenerateConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -67,9 +73,15 @@ async def generate_basket(
 
     client = make_client(cfg.client)
 
+    system = basket_system_prompt(cfg.global_system_prompt, cfg.system_prompt_file)
+
     async def handle(row: Any) -> dict[str, Any]:
         return await generate_row(
-            client, row, model=model, sampling=cfg.sampling, global_system_prompt=cfg.global_system_prompt
+            client,
+            row,
+            model=model,
+            sampling=cfg.sampling,
+            global_system_prompt=system,
         )
 
     try:

@@ -38,9 +38,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignment.data.basket import BasketFields
+from alignment.data.basket import BasketFields, basket_system_prompt
 from alignment.inference.openai_batch import ClientConfig, SamplingConfig
-from alignment.ranges import bounded
+from alignment.ranges import bounded, check_fields
 from alignment.task import TaskConfig
 from alignment.tools.rm_scoring import RewardScorer, RewardScorerConfig, check_reward_model_path, read_records
 
@@ -97,6 +97,8 @@ class RejectionSamplingConfig(TaskConfig):
     """Column names of the prompt basket."""
     global_system_prompt: str | None = None
     """System prompt for basket rows without their own."""
+    system_prompt_file: str | None = None
+    """File whose text is ``global_system_prompt`` (e.g. ``<prompt_opt run>/best_prompt.txt``); not with it."""
     served_model_name: str | None = None
     """Model name sent to the server and recorded as ``gen_model``; None: ``model.name_or_path``."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
@@ -108,6 +110,10 @@ class RejectionSamplingConfig(TaskConfig):
     allow_failures: float = bounded(0.0, ge=0, le=1)
     """Fraction of the basket's rows that may fail (after retries, into the errors file) with the run still
     succeeding; beyond it the run fails (non-zero exit), after writing the pairs of the rows that succeeded."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "method")
+        basket_system_prompt(self.global_system_prompt, self.system_prompt_file)  # both set, or no such file
 
 
 # --- one row --------------------------------------------------------------------------------------------------------
@@ -326,10 +332,15 @@ async def sample_and_score(
     loop = asyncio.get_running_loop()
     # One scoring thread: generation requests keep flowing while the reward model runs.
     with ThreadPoolExecutor(max_workers=1) as executor:
+        system = basket_system_prompt(cfg.global_system_prompt, cfg.system_prompt_file)
 
         async def handle(row: BasketRow) -> dict[str, Any]:
             generation = await generate_row(
-                client, row, model=model, sampling=cfg.sampling, global_system_prompt=cfg.global_system_prompt
+                client,
+                row,
+                model=model,
+                sampling=cfg.sampling,
+                global_system_prompt=system,
             )
             conversations = candidate_conversations(generation)
             rewards = await loop.run_in_executor(

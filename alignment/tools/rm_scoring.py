@@ -37,11 +37,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignment.data.basket import BasketFields
+from alignment.data.basket import BasketFields, basket_system_prompt
 from alignment.inference.openai_batch import ClientConfig, SamplingConfig
 from alignment.inference.stats import Metric
 from alignment.models.config import Dtype, TruncationSide
-from alignment.ranges import bounded
+from alignment.ranges import bounded, check_fields
 from alignment.task import TaskConfig
 
 if TYPE_CHECKING:
@@ -112,6 +112,8 @@ class RmScoringConfig(TaskConfig):
     """Column names of the basket; ``fields.correct_answer`` is also read in ``answers=data``."""
     global_system_prompt: str | None = None
     """System prompt for basket rows without their own."""
+    system_prompt_file: str | None = None
+    """File whose text is ``global_system_prompt`` (e.g. ``<prompt_opt run>/best_prompt.txt``); not with it."""
     conversation_column: str = "conversation"
     """``answers=data``: the conversation whose last (assistant) message is the scored answer."""
     generator_column: str = "model"
@@ -121,6 +123,10 @@ class RmScoringConfig(TaskConfig):
     allow_failures: float = bounded(0.0, ge=0, le=1)
     """``answers=generate``: fraction of the basket's rows that may fail per generator (after retries, into its
     errors file) with the run still succeeding; beyond it the run fails (non-zero exit) after the report."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "method")
+        basket_system_prompt(self.global_system_prompt, self.system_prompt_file)  # both set, or no such file
 
 
 # --- the reward model -----------------------------------------------------------------------------------------------
@@ -282,6 +288,7 @@ async def _generate_and_score(
     loop = asyncio.get_running_loop()
     # One scoring thread: the event loop keeps sending requests while the reward model runs.
     with ThreadPoolExecutor(max_workers=1) as executor:
+        system = basket_system_prompt(cfg.global_system_prompt, cfg.system_prompt_file)
 
         async def handle(row: BasketRow) -> dict[str, Any]:
             record = await generate_row(
@@ -289,7 +296,7 @@ async def _generate_and_score(
                 row,
                 model=generator,
                 sampling=cfg.sampling,
-                global_system_prompt=cfg.global_system_prompt,
+                global_system_prompt=system,
             )
             response = content_text(record["conversation"][-1])
             (reward,) = await loop.run_in_executor(

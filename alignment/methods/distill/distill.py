@@ -164,7 +164,7 @@ def tokenize_row(row: Mapping[str, Any], tokenizer: Any, cfg: DistillConfig) -> 
     from alignment.data.chat_template import prepare_messages, tokenize_conversation
 
     messages = prepare_messages(
-        row[sft.COLUMN], system_prompt=cfg.system_prompt, model_support_system_role=cfg.model_support_system_role
+        row[sft.COLUMN], system_prompt=cfg.system_text(), model_support_system_role=cfg.model_support_system_role
     )
     out = tokenize_conversation(tokenizer, messages, cfg.train_on_roles, cfg.max_length)
     labels = list(out.input_ids) if cfg.tokens is CountedTokens.all else out.labels

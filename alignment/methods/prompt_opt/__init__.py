@@ -1,0 +1,1 @@
+"""Hard-prompt optimisation (``method=prompt_opt``): a real-token prompt learned against a frozen model."""
