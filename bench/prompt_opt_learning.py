@@ -207,14 +207,22 @@ def _start_loss(history: list[dict[str, Any]]) -> float:
 
 
 def arithmetic_check(
-    workdir: Path, setting: str, *, steps: int = 12, lr: float = 0.05, prompt_len: int = 16, train_rows: int = 96
+    workdir: Path,
+    setting: str,
+    *,
+    steps: int = 12,
+    lr: float = 0.05,
+    prompt_len: int = 16,
+    batch: int = 8,
+    evaluations: int = 2,
+    with_exact_match: bool = True,
 ) -> Outcome:
     """A ``prompt_len``-token system prompt for the frozen SmolLM2 on the arithmetic demo; held-out numbers."""
     from alignment.data.demo import DEMO_DIR
     from alignment.models.embedded import resolve
 
     train, held_out = workdir / "arith_train.jsonl", workdir / "arith_eval.jsonl"
-    for source, target, count in (("train.jsonl", train, train_rows), ("test.jsonl", held_out, 16)):
+    for source, target, count in (("train.jsonl", train, steps * batch), ("test.jsonl", held_out, 16)):
         lines = (DEMO_DIR / source).read_text(encoding="utf-8").splitlines()[:count]
         target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     rows = [json.loads(line) for line in held_out.read_text().splitlines()]
@@ -227,12 +235,12 @@ def arithmetic_check(
             f"method.prompt_len={prompt_len}",
             *setting_overrides(setting),
             f"method.max_steps={steps}",
-            "method.per_device_train_batch_size=8",
+            f"method.per_device_train_batch_size={batch}",
             "method.per_device_eval_batch_size=16",
             f"method.learning_rate={lr}",
             "method.lr_scheduler_type=constant",
             "method.logging_steps=4",
-            f"method.eval_steps={max(steps // 2, 1)}",
+            f"method.eval_steps={max(steps // evaluations, 1)}",
             "method.save_strategy=no",
         ],
         workdir / f"arith_{setting.replace('/', '_')}",
@@ -246,8 +254,8 @@ def arithmetic_check(
         start=_start_loss(run["history"]),
         learned=best["held_out_loss"],
         learned_text=best["text"],
-        exact_match_none=exact_match(model, rows, None),
-        exact_match_learned=exact_match(model, rows, best["text"]),
+        exact_match_none=exact_match(model, rows, None) if with_exact_match else float("nan"),
+        exact_match_learned=exact_match(model, rows, best["text"]) if with_exact_match else float("nan"),
     )
 
 

@@ -72,6 +72,8 @@ class PromptOptConfig(MethodConfig):
 
     name: str = "prompt_opt"
     """Registry key."""
+    learning_rate: float = bounded(0.05, gt=0)
+    """Peak learning rate of the codebook (0.05: what the learning checks used; the weights' 2e-5 moves nothing)."""
     objective: Objective = Objective.sft
     """``sft``: the run's model is a causal LM; ``reward``: a reward model folder saved by ``method=reward``."""
     num_prompts: int = bounded(3, ge=1)

@@ -434,8 +434,9 @@ def test_a_planted_prompt_is_approached_from_a_neutral_start(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_smollm2_learns_a_system_prompt_for_the_arithmetic_demo(tmp_path: Path) -> None:
     """A 16-token prompt for the frozen SmolLM2: held-out answer loss below no prompt and below the start."""
-    outcome = _learning_module().arithmetic_check(tmp_path, "gumbel", steps=8, train_rows=64)
-    print(outcome)  # the closing note's numbers (exact match included)
+    check = _learning_module().arithmetic_check
+    outcome = check(tmp_path, "gumbel", steps=8, batch=4, evaluations=1, with_exact_match=False)
+    print(outcome)  # the closing note's numbers (bench/prompt_opt_learning.py adds exact match)
     assert outcome.learned < outcome.start - 0.05
     assert outcome.learned < outcome.no_prompt - 0.1
 
