@@ -654,3 +654,35 @@ def test_distillation_on_two_ranks(tmp_path: Path, tiny_random_path: str, option
     steps = [r for r in logged if "distill/forward_kl" in r]
     assert len(steps) == 3
     assert all(math.isfinite(r["loss"]) and r["ce"] > 0 for r in steps)
+
+
+@pytest.mark.slow
+def test_prompt_optimisation_on_two_ddp_ranks(tmp_path: Path) -> None:
+    """The codebook is the DDP-wrapped module (the frozen model is not): both ranks end with the same prompts."""
+    base = [
+        "model=tiny_random",
+        "distributed.nproc_per_node=2",
+        "method=prompt_opt",
+        "method.num_prompts=2",
+        "method.prompt_len=4",
+        "method.max_steps=3",
+        "method.per_device_train_batch_size=2",
+        "method.logging_steps=1",
+        "method.eval_steps=3",
+        "method.save_strategy=no",
+        "data.num_train_samples=16",
+        "data.max_eval_samples=4",
+    ]
+    run, records = _run(tmp_path, ["distributed=ddp"], base=base)
+    for record in records:
+        assert record["process_group_backend"] == "gloo"
+        assert record["model_class"] == "DistributedDataParallel"
+        assert record["param_numel_local"] == 2 * 4 * 64 + 1  # the codebook and the noise scale, nothing frozen
+    assert records[0]["param_sum_local"] == pytest.approx(records[1]["param_sum_local"], abs=1e-9)
+    prompts = json.loads((run / "prompts.json").read_text(encoding="utf-8"))
+    assert sorted(p["rank"] for p in prompts["prompts"]) == [1, 2]  # written once, by the main process
+    assert prompts["step"] == 3
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [r for r in logged if "prompt_0_loss" in r]
+    assert len(steps) == 3
+    assert all(math.isfinite(r["loss"]) for r in steps)
