@@ -359,17 +359,21 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(compose: Any, tmp_path
 
 @pytest.mark.slow
 def test_smollm2_training_loss_falls(compose: Any, tmp_path: Path) -> None:
+    """6 steps of 4 demo conversations: the mean loss of the last 3 steps is below that of the first 3.
+
+    Measured: 1.106, 0.900, 0.769, 0.572, 0.546, 0.461 (means 0.925 -> 0.526).
+    """
     out = tmp_path / "run"
     overrides = [
         "model=smollm2_135m",
         "logger=none",
-        "method.max_steps=10",
+        "method.max_steps=6",
         "method.per_device_train_batch_size=4",
         "method.per_device_eval_batch_size=8",
         "method.learning_rate=1e-4",
         "method.logging_steps=1",
         "method.eval_on_start=false",
-        "method.eval_steps=10",
+        "method.eval_steps=6",
         "method.save_strategy=no",
         "method.num_generation_samples=2",
         "method.max_new_tokens=16",
@@ -377,7 +381,7 @@ def test_smollm2_training_loss_falls(compose: Any, tmp_path: Path) -> None:
     ]
     metrics = _run(compose, out, overrides)
     losses = [e["loss"] for e in read_logs(out) if "loss" in e]
-    assert len(losses) == 10
+    assert len(losses) == 6
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first, losses

@@ -207,10 +207,14 @@ def _learning_module() -> Any:
 
 @pytest.mark.slow
 def test_a_layer_dropped_student_learns_the_teacher_back(tmp_path: Path) -> None:
-    """SmolLM2 with 6 of 30 layers, distilled from SmolLM2: held-out KL falls and top-1 agreement rises."""
+    """SmolLM2 with 6 of 30 layers, distilled from SmolLM2 for 4 steps: held-out KL falls and top-1 agreement rises.
+
+    Measured (8 held-out problems): forward_kl took KL 18.78 -> 3.17 and agreement 0 -> 0.218, jsd 18.78 -> 7.12
+    and 0 -> 0.241; 8 steps (the bench's default, README table) reach 2.12 / 0.241 and 5.50 / 0.069.
+    """
     learning = _learning_module()
     for loss in ("forward_kl", "jsd"):
-        outcome = learning.learning_check(loss, tmp_path, steps=8)
+        outcome = learning.learning_check(loss, tmp_path, steps=4)
         print(outcome)
         assert outcome.kl_after < 0.75 * outcome.kl_before, outcome
         assert outcome.agreement_after > outcome.agreement_before, outcome

@@ -688,7 +688,8 @@ def test_smollm2_gpo_raises_correct_over_wrong_log_probs_on_held_out_prompts(com
     """Rewards = correctness: training lifts the held-out mean log-prob of correct completions above wrong ones.
 
     ``eval_logps/advantage_margin`` is the mean per-token log-prob of the held-out completions with positive
-    advantage (correct) minus that of those with negative advantage (wrong), on 16 held-out prompts.
+    advantage (correct) minus that of those with negative advantage (wrong), on 16 held-out prompts. Measured: 6 steps
+    at lr 2e-5 took it from 0.166 to 0.246; 12 steps at lr 1e-5 (twice the training time) from 0.166 to 0.242.
     """
     out = tmp_path / "run"
     overrides = [
@@ -697,13 +698,13 @@ def test_smollm2_gpo_raises_correct_over_wrong_log_probs_on_held_out_prompts(com
         "data=demo_gpo",
         "logger=none",
         "data.max_eval_samples=16",
-        "method.max_steps=12",
+        "method.max_steps=6",
         "method.max_tokens_per_batch=null",
         "method.per_device_train_batch_size=4",
         "method.per_device_eval_batch_size=16",
-        "method.learning_rate=1e-5",
+        "method.learning_rate=2e-5",
         "method.logging_steps=1",
-        "method.eval_steps=12",
+        "method.eval_steps=6",
         "method.save_strategy=no",
     ]
     cfg = to_run_config(compose(overrides))
@@ -713,6 +714,6 @@ def test_smollm2_gpo_raises_correct_over_wrong_log_probs_on_held_out_prompts(com
     before, after = evals[0], evals[-1]
     keys = ("eval_logps/positive_advantage", "eval_logps/negative_advantage", "eval_logps/advantage_margin")
     print({k: (round(before[k], 4), round(after[k], 4)) for k in keys})
-    assert (before["step"], after["step"]) == (0, 12)
+    assert (before["step"], after["step"]) == (0, 6)
     assert after["eval_logps/advantage_margin"] > before["eval_logps/advantage_margin"] + 0.05
     assert all(math.isfinite(e["loss"]) for e in logs if "loss" in e)

@@ -613,10 +613,12 @@ def test_lora_run_trains_adapters_and_logs_preference_metrics(
 
 @pytest.mark.slow
 def test_smollm2_dpo_raises_held_out_preference_accuracy(compose: Any, tmp_path: Path) -> None:
-    """8 full fine-tuning steps of 4 demo pairs: the held-out implicit reward starts to prefer the right answers.
+    """4 full fine-tuning steps of 4 demo pairs: the held-out implicit reward starts to prefer the right answers.
 
     At step 0 the policy is the reference, so every held-out margin is 0 (accuracy 0, loss ln 2). Recorded on
-    2 shared CPU cores: accuracy 0 -> 0.625, mean margin 0 -> 0.052, loss 0.6931 -> 0.6742 (8 held-out pairs).
+    2 shared CPU cores (8 held-out pairs): lr 5e-5 for 4 steps gave accuracy 0 -> 0.75, mean margin 0 -> 0.227,
+    loss 0.6931 -> 0.5942; lr 1e-5 for 8 steps (twice the training time) gave 0 -> 0.625, 0 -> 0.052 and
+    0.6931 -> 0.6742.
     """
     out = tmp_path / "run"
     overrides = [
@@ -625,24 +627,24 @@ def test_smollm2_dpo_raises_held_out_preference_accuracy(compose: Any, tmp_path:
         "logger=none",
         "data.sources=[{path: 'embedded:train.jsonl', eval_path: 'embedded:test.jsonl'}]",
         "data.max_eval_samples=8",
-        "method.max_steps=8",
+        "method.max_steps=4",
         "method.per_device_train_batch_size=4",
         "method.per_device_eval_batch_size=8",
-        "method.learning_rate=1e-5",
+        "method.learning_rate=5e-5",
         "method.logging_steps=1",
-        "method.eval_steps=8",
+        "method.eval_steps=4",
         "method.save_strategy=no",
         "method.max_length=128",
     ]
     _run(compose, out, overrides)
     evals = [e for e in read_logs(out) if "eval_loss" in e]
     before, after = evals[0], evals[-1]
-    assert (before["step"], after["step"]) == (0, 8)
+    assert (before["step"], after["step"]) == (0, 4)
     print({k: (before[k], after[k]) for k in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss")})
     assert before["eval_rewards/accuracies"] == 0.0
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
-    assert after["eval_rewards/margins"] > 0.0
+    assert after["eval_rewards/margins"] > 0.1
     assert after["eval_loss"] < before["eval_loss"]
     losses = [e["loss"] for e in read_logs(out) if "loss" in e]
-    assert len(losses) == 8
+    assert len(losses) == 4
     assert all(math.isfinite(v) for v in losses)

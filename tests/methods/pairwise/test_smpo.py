@@ -421,16 +421,20 @@ def test_shaping_flags_change_the_loss_but_not_the_nll_in_a_run(compose: Any, tm
 
 @pytest.mark.slow
 def test_smollm2_preference_accuracy_rises(compose: Any, tmp_path: Path) -> None:
-    """Held-out pairs: the fraction with mean log-prob chosen > rejected rises above its value before training."""
+    """Held-out pairs: the fraction with mean log-prob chosen > rejected rises above its value before training.
+
+    Measured on 16 held-out pairs: accuracy 0.5 -> 0.6875, mean margin 0.043 -> 0.143, eval loss 1.252 -> 0.507
+    (on 32 pairs, for twice the evaluation time: 0.594 -> 0.75 and 1.207 -> 0.449).
+    """
     overrides = [
         "model=smollm2_135m",
         "logger=none",
         "method=smpo",
         "data=demo",
-        "data.max_eval_samples=32",
+        "data.max_eval_samples=16",
         "method.max_steps=6",
         "method.per_device_train_batch_size=4",
-        "method.per_device_eval_batch_size=32",
+        "method.per_device_eval_batch_size=16",
         "method.learning_rate=5e-5",
         "method.use_margin_schedule=false",
         "method.logging_steps=3",
@@ -444,3 +448,4 @@ def test_smollm2_preference_accuracy_rises(compose: Any, tmp_path: Path) -> None
     print(f"SMPO held-out preference accuracy: {before:.3f} -> {after:.3f}")
     assert evals[0]["step"] == 0
     assert after > before
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
