@@ -72,35 +72,36 @@ def redact_dirname(dirname: str, overrides: list[str], kv_sep: str = "=") -> str
 
 JOB_DIRNAME_MAX_BYTES = 200
 """Longest sweep job folder name (most filesystems allow 255 bytes, and the name often goes into longer paths)."""
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._,=+~@-]")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+@-]")
 _HASH_CHARS = 8
 _JOB_NUMBER = re.compile(r"^(\d+)(?:_|$)")
 
 
 def sweep_job_dirname(num: int, override_dirname: str, overrides: list[str], kv_sep: str = "=") -> str:
-    """A sweep job's folder name: ``<job number>_<its overrides>``, safe for any filesystem and shell.
+    """A sweep job's folder name: ``<job number>_<its overrides>``, safe for any filesystem, shell and override.
 
     ``override_dirname`` is Hydra's (the job's overrides sorted, joined by ``,``, keys in
     ``hydra.job.config.override_dirname.exclude_keys`` left out). The name is built in four steps:
 
-    1. redacted as :func:`redact_dirname` does, a hidden value written ``redacted``
-       (``logger.project=redacted``);
-    2. every character other than ASCII letters, digits and ``. _ , = + ~ @ -`` becomes ``_``: a path value does
-       not nest folders (``model.name_or_path=_data_llama``), and no quote, space, ``:``, ``*``, ``[`` or ``]``
-       needs escaping in a shell;
-    3. the job number and ``_`` go first, so names stay unique and sort by job; with no override left the name is
-       the job number alone (``0``), as Hydra's default ``${hydra.job.num}``;
-    4. a name over :data:`JOB_DIRNAME_MAX_BYTES` is cut, and ``~`` plus the first 8 hex digits of the SHA-256 of
-       the redacted, uncut overrides end it.
+    1. redacted as :func:`redact_dirname` does, a hidden value written ``redacted``;
+    2. each ``key=value`` is written ``key-value`` and the overrides are joined by ``+``
+       (``method.beta-0.1+method-dpo``): ``=`` and ``,`` cannot stand unquoted in a Hydra override value, and a
+       run folder is routinely passed back as one (``method.source=<job>``, ``method.reward_model.path=<job>/model``);
+    3. every character other than ASCII letters, digits and ``. _ + @ -`` becomes ``_``: a path value does not nest
+       folders (``model.name_or_path-_data_llama``), and nothing needs quoting in a shell or an override;
+    4. the job number and ``_`` go first, so names stay unique and sort by job (with no override left the name is
+       the job number alone, as Hydra's default ``${hydra.job.num}``); a name over :data:`JOB_DIRNAME_MAX_BYTES` is
+       cut, and ``+`` plus the first 8 hex digits of the SHA-256 of the redacted, uncut overrides end it.
 
-    Example: ``0_method=dpo,method.beta=0.1``. :func:`job_number` reads the number back.
+    Example: ``0_method.beta-0.1+method-dpo``. :func:`job_number` reads the number back.
     """
     redacted = redact_dirname(override_dirname, overrides, kv_sep).replace(REDACTED, "redacted")
-    name = f"{num}_{_UNSAFE_CHARS.sub('_', redacted)}" if redacted else str(num)
+    readable = redacted.replace(kv_sep, "-").replace(",", "+")
+    name = f"{num}_{_UNSAFE_CHARS.sub('_', readable)}" if redacted else str(num)
     if len(name) <= JOB_DIRNAME_MAX_BYTES:
         return name
     digest = hashlib.sha256(redacted.encode("utf-8")).hexdigest()[:_HASH_CHARS]
-    return f"{name[: JOB_DIRNAME_MAX_BYTES - _HASH_CHARS - 1]}~{digest}"
+    return f"{name[: JOB_DIRNAME_MAX_BYTES - _HASH_CHARS - 1]}+{digest}"
 
 
 def job_number(dirname: str) -> int | None:

@@ -167,8 +167,8 @@ SWEEP = [
 ]
 # Hydra's override_dirname (sorted, ``logger=none`` excluded) behind the job number, redacted, '/' as '_'.
 JOB_NAMES = [
-    f"{num}_data.max_eval_samples=8,logger.project=team_redacted,method.eval_steps=2,method.learning_rate={lr},"
-    "method.max_steps=2,method.num_generation_samples=2,method.save_steps=1,model=tiny_random"
+    f"{num}_data.max_eval_samples-8+logger.project-team_redacted+method.eval_steps-2+method.learning_rate-{lr}+"
+    "method.max_steps-2+method.num_generation_samples-2+method.save_steps-1+model-tiny_random"
     for num, lr in [(0, "0.0001"), (1, "0.0002")]
 ]
 

@@ -80,8 +80,8 @@ def test_a_three_trial_study_of_the_example_experiment(tmp_path: Path) -> None:
         assert method["max_steps"] == 1
         # the folder is named by the trial's overrides (objective and logger left out, data=debug/smpo flat)
         assert job.name.startswith(
-            f"{job_number(job.name)}_data.max_eval_samples=4,data.num_train_samples=8,data=debug_smpo,"
-            f"experiment=optuna_smpo,method.beta={method['beta']},method.learning_rate={method['learning_rate']},"
+            f"{job_number(job.name)}_data.max_eval_samples-4+data.num_train_samples-8+data-debug_smpo+"
+            f"experiment-optuna_smpo+method.beta-{method['beta']}+method.learning_rate-{method['learning_rate']}+"
         ), job.name
         trials.append((value, {"method.beta": method["beta"], "method.learning_rate": method["learning_rate"]}))
     assert all(math.isfinite(value) for value, _ in trials)

@@ -182,14 +182,14 @@ def test_named_job_folders_keep_their_order_names_and_slurm_states(
     records = [{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 2.1}]
     for num, method, done in [(2, "dpo", True), (10, "smpo", False)]:
         job = _job(tmp_path, num, [f"method={method}"], records, results=done)
-        job.rename(tmp_path / f"{num}_method={method}")
+        job.rename(tmp_path / f"{num}_method-{method}")
     # sacct answers by array task index = job number; job 2's own results.json wins over its state
     monkeypatch.setattr(report_module, "slurm_states", lambda _: {"2": "COMPLETED", "10": "RUNNING"})
     jobs = build(tmp_path)
-    assert [(j.name, j.status) for j in jobs] == [("2_method=dpo", "completed"), ("10_method=smpo", "RUNNING")]
+    assert [(j.name, j.status) for j in jobs] == [("2_method-dpo", "completed"), ("10_method-smpo", "RUNNING")]
     assert main([str(tmp_path)]) == 0
     with (tmp_path / "report.csv").open() as handle:
         assert [(r["job"], r["overrides"]) for r in csv.DictReader(handle)] == [
-            ("2_method=dpo", "method=dpo"),
-            ("10_method=smpo", "method=smpo"),
+            ("2_method-dpo", "method=dpo"),
+            ("10_method-smpo", "method=smpo"),
         ]

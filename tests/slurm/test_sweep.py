@@ -27,8 +27,8 @@ TINY = [
 ]
 # <job number>_<overrides>: hydra.* and hydra/launcher, and logger, are not in the names
 NAMES = [
-    f"{num}_data.max_eval_samples=4,method.eval_steps=2,method.max_steps=2,method.per_device_train_batch_size=2,"
-    f"method.save_strategy=no,method={method},model=tiny_random"
+    f"{num}_data.max_eval_samples-4+method.eval_steps-2+method.max_steps-2+method.per_device_train_batch_size-2+"
+    f"method.save_strategy-no+method-{method}+model-tiny_random"
     for num, method in [(0, "dpo"), (1, "smpo")]
 ]
 
