@@ -28,8 +28,15 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
+# tests/slurm spend most of their time waiting on the scheduler, so they run beside the rest of the suite (a second
+# pytest process, its report printed after the first's); the target fails if either fails.
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	@slurm_log=$$(mktemp); \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/slurm $(PYTEST_ARGS) > $$slurm_log 2>&1 & slurm=$$!; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest --ignore=tests/slurm $(PYTEST_ARGS); main=$$?; \
+	wait $$slurm; slurm_rc=$$?; \
+	echo "=== tests/slurm (ran beside the suite above) ==="; cat $$slurm_log; rm -f $$slurm_log; \
+	test $$main -eq 0 -a $$slurm_rc -eq 0
 
 # The local SLURM test cluster (root; installs Debian packages when missing): tests/slurm use it, CI starts it.
 slurm-up:
