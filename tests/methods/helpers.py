@@ -160,3 +160,18 @@ def mean_logps(chosen: list[float], rejected: list[float], *, chosen_tokens: int
         torch.full((n,), float(chosen_tokens), dtype=torch.float64),
         torch.full((n,), float(rejected_tokens), dtype=torch.float64),
     )
+
+
+def bench_module(name: str) -> Any:
+    """``bench/<name>.py`` imported as a module (the learning checks the tests share with the bench scripts)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

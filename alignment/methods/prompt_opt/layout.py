@@ -6,9 +6,8 @@ message, placed first (the data's messages of that role are removed). The text b
 end-of-turn and the rest of the conversation). The head and the tail are tokenised apart, so a training sequence
 is ``head ids | L prompt slots | tail ids``; the labels of the head and the slots are ignored.
 
-The same head and tail texts with the prompt's decoded text in between are exactly what the chat template renders
-for a conversation whose system message is that text: evaluation tokenises that string as a whole
-(:func:`shipped_sequence`), which is what a user gets by pasting the prompt.
+Evaluation renders each conversation again with the prompt's decoded text as that message and tokenises it as a
+whole (:func:`shipped_sequence`): what a user gets by pasting the prompt.
 """
 
 from __future__ import annotations
@@ -40,16 +39,11 @@ SENTINEL = "@@PROMPT_SLOT_7f3a@@"
 
 @dataclass(frozen=True)
 class Placement:
-    """One conversation around the prompt: head and tail texts, their tokens, and the tail's labels."""
+    """One conversation around the prompt: the head's and the tail's tokens, and the tail's labels."""
 
-    head_text: str
-    tail_text: str
-    """The tail as far as it is kept (cut with the tokens)."""
     head: list[int]
     tail: list[int]
     tail_labels: list[int]
-    spans: list[tuple[int, int]]
-    """Character spans of the tail that carry loss (tail coordinates)."""
     dropped: int
     """Tail tokens cut to fit ``max_length``."""
 
@@ -93,10 +87,7 @@ def place(
     ]
     keep = max(0, max_length - len(head))
     dropped = max(0, len(tail) - keep)
-    if dropped:
-        tail_text = tail_text[: offsets[keep][0]]
-        tail, labels = tail[:keep], labels[:keep]
-    return Placement(head_text, tail_text, head, tail, labels, tail_spans, dropped)
+    return Placement(head, tail[:keep], labels[:keep], dropped)
 
 
 def shipped_sequence(
@@ -150,22 +141,18 @@ def tokenize_split(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Pr
     roles = list(cfg.train_on_roles) if cfg.objective is Objective.sft else []
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
+        conversations = [without_role(c, cfg.inserted_chat_role) for c in _sides(row, cfg)]
         sides = [
             place(tokenizer, conversation, role=cfg.inserted_chat_role, roles=roles, max_length=cfg.max_length)
-            for conversation in _sides(row, cfg)
+            for conversation in conversations
         ]
         margin = row.get("margin") if cfg.objective is Objective.reward else None
-        bare = [
-            tokenize_conversation(tokenizer, without_role(conversation, cfg.inserted_chat_role), roles, cfg.max_length)
-            for conversation in _sides(row, cfg)
-        ]
+        bare = [tokenize_conversation(tokenizer, c, roles, cfg.max_length) for c in conversations]
         return {
             "head": [p.head for p in sides],
             "tail": [p.tail for p in sides],
             "tail_labels": [p.tail_labels for p in sides],
-            "conversation": [
-                json.dumps(without_role(c, cfg.inserted_chat_role), ensure_ascii=False) for c in _sides(row, cfg)
-            ],
+            "conversation": [json.dumps(c, ensure_ascii=False) for c in conversations],
             "dropped": [p.dropped for p in sides],
             "bare_ids": [b.input_ids for b in bare],
             "bare_labels": [b.labels for b in bare],

@@ -6,10 +6,8 @@ tokenizer), one step of plain SGD so parameters move by exactly ``lr * grad``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,8 @@ from alignment.methods.distill.losses import topk_teacher
 from alignment.ranges import RangeError
 from alignment.training.chunked import OutputHead, chunked_head_loss, eager_head_loss
 from tests.methods.distill.conftest import ROWS, assert_params_close, data, one_step
-from tests.methods.helpers import ONE_SGD_STEP, Loaded, run_method
+from tests.methods.helpers import ONE_SGD_STEP, Loaded, bench_module, run_method
 
-ROOT = Path(__file__).resolve().parents[3]
 # --- config ----------------------------------------------------------------------------------------------------
 
 
@@ -195,16 +192,6 @@ def test_grad_accumulation_1x4_equals_4x1(compose: Any, tmp_path: Path, rows_fil
 # --- learning check on the real model --------------------------------------------------------------------------
 
 
-def _learning_module() -> Any:
-    spec = importlib.util.spec_from_file_location("distill_learning", ROOT / "bench" / "distill_learning.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_a_layer_dropped_student_learns_the_teacher_back(tmp_path: Path) -> None:
     """SmolLM2 with 6 of 30 layers, distilled from SmolLM2 for 4 steps: held-out KL falls and top-1 agreement rises.
@@ -212,7 +199,7 @@ def test_a_layer_dropped_student_learns_the_teacher_back(tmp_path: Path) -> None
     Measured (8 held-out problems): forward_kl took KL 18.78 -> 3.17 and agreement 0 -> 0.218, jsd 18.78 -> 7.12
     and 0 -> 0.241; 8 steps (the bench's default, README table) reach 2.12 / 0.241 and 5.50 / 0.069.
     """
-    learning = _learning_module()
+    learning = bench_module("distill_learning")
     for loss in ("forward_kl", "jsd"):
         outcome = learning.learning_check(loss, tmp_path, steps=4)
         print(outcome)

@@ -20,7 +20,7 @@ from alignment.methods.prompt_opt import prompt_opt
 from alignment.methods.prompt_opt.layout import SlotCollator, insert_prompts, place, shipped_sequence
 from alignment.methods.prompt_opt.prompt_opt import PromptOptConfig
 from alignment.methods.prompt_opt.trainer import forbidden_ids
-from tests.methods.helpers import read_logs, run_method, write_jsonl
+from tests.methods.helpers import bench_module, read_logs, run_method, write_jsonl
 
 CONVERSATION = [
     {"role": "system", "content": "Removed: the prompt replaces it."},
@@ -407,24 +407,10 @@ def test_best_prompt_file_is_the_system_prompt_of_sft_and_the_tools(
 # --- learning checks -------------------------------------------------------------------------------------------
 
 
-def _learning_module() -> Any:
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[3]
-    spec = importlib.util.spec_from_file_location("prompt_opt_learning", root / "bench" / "prompt_opt_learning.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_a_planted_prompt_is_approached_from_a_neutral_start(tmp_path: Path) -> None:
     """Targets sampled under a known prompt p*: the learned prompt's text beats no prompt and the start, held out."""
-    outcome = _learning_module().planted_check(tmp_path, "gumbel", steps=30)
+    outcome = bench_module("prompt_opt_learning").planted_check(tmp_path, "gumbel", steps=30)
     print(outcome)  # the closing note's numbers: CE no prompt, p*, start, learned
     assert outcome.planted < outcome.no_prompt - 0.5  # the planted prompt matters for this model
     assert outcome.learned < outcome.start - 0.1
@@ -434,7 +420,7 @@ def test_a_planted_prompt_is_approached_from_a_neutral_start(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_smollm2_learns_a_system_prompt_for_the_arithmetic_demo(tmp_path: Path) -> None:
     """A 16-token prompt for the frozen SmolLM2: held-out answer loss below no prompt and below the start."""
-    check = _learning_module().arithmetic_check
+    check = bench_module("prompt_opt_learning").arithmetic_check
     outcome = check(tmp_path, "gumbel", steps=8, batch=4, evaluations=1, with_exact_match=False)
     print(outcome)  # the closing note's numbers (bench/prompt_opt_learning.py adds exact match)
     assert outcome.learned < outcome.start - 0.05
@@ -444,7 +430,7 @@ def test_smollm2_learns_a_system_prompt_for_the_arithmetic_demo(tmp_path: Path) 
 @pytest.mark.slow
 def test_a_prompt_tells_a_controllable_reward_model_what_is_wanted(tmp_path: Path) -> None:
     """Pairs whose system message is removed: the learned prompt restores the reward model's held-out accuracy."""
-    outcome = _learning_module().reward_check(tmp_path, "gumbel", steps=10)
+    outcome = bench_module("prompt_opt_learning").reward_check(tmp_path, "gumbel", steps=10)
     print(outcome)
     assert outcome.accuracy_none < 0.5
     assert outcome.accuracy_learned > outcome.accuracy_none + 0.3
