@@ -83,8 +83,10 @@ class FsdpSettings:
     ``_no_split_modules`` (its decoder-layer class)."""
     state_dict_type: FsdpStateDict = FsdpStateDict.full
     """Checkpoint format of ``checkpoints/``; ``model/`` is always written as a normal HF folder."""
-    cpu_ram_efficient_loading: bool = False
-    """Load the checkpoint on rank 0 only and broadcast it (less host RAM on big models)."""
+    cpu_ram_efficient_loading: bool = True
+    """Load the checkpoint on rank 0 only and broadcast it into the shards (the other ranks' copies go to the meta
+    device; accelerate's FSDP2 preparation); a frozen reference or teacher beside the policy is sharded the same
+    way. False: every rank reads the whole checkpoint before sharding."""
 
 
 @dataclass

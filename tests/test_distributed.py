@@ -501,10 +501,100 @@ def _tiny_model_stats(tiny_random_path: str) -> tuple[int, float]:
     return sum(p.numel() for p in params), float(sum(p.detach().double().sum().item() for p in params))
 
 
+def _pair(words: int, chosen_words: int) -> dict[str, Any]:
+    """A chat pair with a prompt of ``words`` words (SmolLM2's chat template adds about 70 tokens to a pair)."""
+    return {
+        "prompt": [{"role": "user", "content": " ".join(["count"] * words)}],
+        "chosen": [{"role": "assistant", "content": "yes " * chosen_words}],
+        "rejected": [{"role": "assistant", "content": "no " * (1 + words % 5)}],
+    }
+
+
+# SMPO on 2 ranks with different numbers of pairs: with the 250-token budget the train micro-batches hold 3, 1, 3, 1,
+# 1, 3, 3, 1 pairs (rank 0 takes the even ones, rank 1 the odd ones); the 5 eval pairs, 2 per rank and batch, give
+# rank 0 three real pairs and rank 1 two (its last batch only repeats pairs, which the metrics drop).
+# (prompt words, chosen words) of each pair
+TRAIN_PAIRS = [(1, 8), (90, 1), (2, 1), (3, 1), (1, 1), (5, 1), (1, 1), (70, 1)]
+TRAIN_PAIRS += [(2, 1), (4, 1), (1, 1), (3, 1), (2, 1), (1, 1), (80, 1), (2, 1)]
+EVAL_PAIRS = [(1, 1), (60, 2), (3, 1), (30, 1), (8, 12)]
+BUDGET = 250
+PREFERENCE_RUN = [
+    "method=smpo",
+    f"method.max_tokens_per_batch={BUDGET}",
+    "method.eval_strategy=steps",
+    "method.eval_steps=3",
+    "method.per_device_eval_batch_size=2",
+    "method.logging_steps=1",
+]
+
+
+def _pair_logps(rows: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[int]]:
+    """Each pair's summed chosen and rejected log-probs under the untrained tiny model (as a run loads it), and tokens.
+
+    The tokens are both sides' (what the token budget counts).
+    """
+    import torch
+    from datasets import Dataset
+
+    from alignment.methods.pairwise.core import PairCollator, sequence_logps, tokenize_pairs
+    from alignment.models.config import ModelConfig
+    from alignment.models.load import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path="embedded:tiny-random-llama")
+    tokenizer = load_tokenizer(cfg)
+    pairs = tokenize_pairs(Dataset.from_list(rows), tokenizer, max_length=1024)
+    with torch.no_grad():
+        logps = sequence_logps(load_model(cfg, tokenizer).eval(), PairCollator()(list(pairs)))
+    lengths = [len(c) + len(r) for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"], strict=True)]
+    return list(zip(logps.chosen.tolist(), logps.rejected.tolist(), strict=True)), lengths
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _check_union_metrics(run: Path, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> None:
+    """The logged preference metrics are means over both ranks' pairs, not means of the two ranks' means."""
+    from alignment.training.trainer import TokenBudgetBatchSampler
+
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    # Step 1's forward runs on the untrained weights: rank 0 takes micro-batch 0 (3 pairs), rank 1 micro-batch 1 (1).
+    logps, lengths = _pair_logps(train_rows + eval_rows)
+    train_logps, eval_logps, lengths = logps[: len(train_rows)], logps[len(train_rows) :], lengths[: len(train_rows)]
+    seed = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["seed"]
+    rank0, rank1 = TokenBudgetBatchSampler(lengths, BUDGET, seed).batches()[:2]
+    assert (len(rank0), len(rank1)) == (3, 1)
+    union = _mean([train_logps[i][0] for i in rank0 + rank1])
+    rank_means = (_mean([train_logps[i][0] for i in rank0]) + train_logps[rank1[0]][0]) / 2
+    assert abs(union - rank_means) > 1.0  # the check below can tell the two apart
+    step1 = next(r for r in logged if r["step"] == 1 and "logps/chosen" in r)
+    assert step1["logps/chosen"] == pytest.approx(union, rel=1e-4)
+    # The evaluation on start: all 5 pairs once each (rank 0: 0, 1, 4; rank 1: 2, 3; the repeats dropped), not the
+    # mean of the two batches' means over both ranks nor of the two ranks' means.
+    chosen = [c for c, _ in eval_logps]
+    union = _mean(chosen)
+    assert abs(union - (_mean(chosen[:4]) + chosen[4]) / 2) > 1.0
+    assert abs(union - (_mean([chosen[0], chosen[1], chosen[4]]) + _mean(chosen[2:4])) / 2) > 1.0
+    start = next(r for r in logged if r["step"] == 0 and "eval_logps/chosen" in r)
+    assert start["eval_logps/chosen"] == pytest.approx(union, rel=1e-4)
+    assert start["eval_logps/rejected"] == pytest.approx(_mean([r for _, r in eval_logps]), rel=1e-4)
+    assert all(0 <= r["rewards/accuracies"] <= 1 for r in logged if "rewards/accuracies" in r)
+
+
 @pytest.mark.slow
 def test_ddp_two_ranks_reduce_gradients(tmp_path: Path, tiny_random_path: str) -> None:
-    """2 gloo ranks: one run directory, one resolved config, different data shards, identical trained weights."""
-    run, records = _run(tmp_path, ["distributed=ddp", "logger.tags=[${now:%H%M%S%f}]"])
+    """2 gloo ranks of SMPO: one run directory, one resolved config, different data shards, identical trained weights.
+
+    The ranks hold different numbers of pairs (token-budget micro-batches, an uneven evaluation), and the logged
+    preference metrics are those of the union of their pairs.
+    """
+    train_rows, eval_rows = [_pair(*p) for p in TRAIN_PAIRS], [_pair(*p) for p in EVAL_PAIRS]
+    for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = f"data.sources=[{{path: '{tmp_path / 'train.jsonl'}', eval_path: '{tmp_path / 'eval.jsonl'}'}}]"
+    keys = {o.split("=", 1)[0] for o in PREFERENCE_RUN} | {"method.num_generation_samples"}
+    base = [o for o in TINY_RUN if o.split("=", 1)[0] not in keys]
+    run, records = _run(tmp_path, ["distributed=ddp", "logger.tags=[${now:%H%M%S%f}]", data, *PREFERENCE_RUN], base)
     total, initial_sum = _tiny_model_stats(tiny_random_path)
     for record in records:
         assert record["world_size"] == 2
@@ -523,6 +613,7 @@ def test_ddp_two_ranks_reduce_gradients(tmp_path: Path, tiny_random_path: str) -
     assert records[0]["param_sum_local"] == pytest.approx(records[1]["param_sum_local"], abs=1e-9)
     assert records[0]["param_sum_local"] != pytest.approx(initial_sum, abs=1e-6)
     assert (run / "model" / "model.safetensors").is_file()
+    _check_union_metrics(run, train_rows, eval_rows)
 
 
 # ZeRO-3 with evaluation and sample generation at the last step: 3 prompts over 2 ranks (one padding prompt).
@@ -553,7 +644,9 @@ def _greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[st
 def test_zero3_two_ranks_shard_parameters_and_generate_samples(tmp_path: Path, tiny_random_path: str) -> None:
     """ZeRO-3 through the Trainer: half the parameters and Adam state per rank; samples from both ranks.
 
-    The eval-time sample generation runs on both ranks in lock-step while rank 0 alone writes and logs it.
+    The model is created partitioned (``zero.Init`` active before ``from_pretrained``): each rank holds half of it
+    right after the load, not only once the engine has partitioned a whole copy. The eval-time sample generation
+    runs on both ranks in lock-step while rank 0 alone writes and logs it.
     """
     keys = {o.split("=", 1)[0] for o in ZERO3_SAMPLES}
     base = [o for o in TINY_RUN if o.split("=", 1)[0] not in keys]
@@ -566,6 +659,11 @@ def test_zero3_two_ranks_shard_parameters_and_generate_samples(tmp_path: Path, t
         assert record["param_numel_local"] == pytest.approx(total / 2, rel=0.01)  # padding aside
         assert record["optimizer"]["param_numel"] == pytest.approx(total / 2, rel=0.01)
         assert record["optimizer"]["state_numel"] == 2 * record["optimizer"]["param_numel"]  # exp_avg, exp_avg_sq
+        [load] = record["loads"]
+        assert (load["what"], load["sharded"], load["param_numel_full"]) == ("policy", True, total)
+        assert load["param_numel_local"] == pytest.approx(total / 2, rel=0.01)
+        assert load["param_bytes_full"] == 4 * total  # fp32 on CPU
+        assert load["rss_peak"] >= load["rss_before"]
     assert sum(r["optimizer"]["param_numel"] for r in records) >= total - 1000
     # The saved model is gathered back into one full HF checkpoint.
     saved, _ = _tiny_model_stats(str(run / "model"))
@@ -631,7 +729,8 @@ def test_distillation_on_two_ranks(tmp_path: Path, tiny_random_path: str, option
     """Distillation under DDP and ZeRO-3 on 2 gloo ranks.
 
     DDP runs the chunked loss on hidden states from the wrapper's forward; under ZeRO-3 the head's module projects
-    its gathered shards. DDP ranks end with the same weights; ZeRO-3 holds half the student per rank.
+    its gathered shards. DDP ranks end with the same weights; ZeRO-3 holds half the student per rank, and the
+    teacher too: both are created partitioned, and the teacher runs in its own DeepSpeed engine.
     """
     run, records = _run(
         tmp_path,
@@ -647,6 +746,9 @@ def test_distillation_on_two_ranks(tmp_path: Path, tiny_random_path: str, option
         assert record["process_group_backend"] == "gloo"
         expected = total / 2 if option == "deepspeed_zero3" else total
         assert record["param_numel_local"] == pytest.approx(expected, rel=0.01)
+        loads = record["loads"]
+        assert [(load["what"], load["sharded"]) for load in loads] == [("policy", True), ("frozen", True)]
+        assert [load["param_numel_local"] for load in loads] == pytest.approx([expected, expected], rel=0.01)
     if option == "ddp":
         assert records[0]["param_sum_local"] == pytest.approx(records[1]["param_sum_local"], abs=1e-9)
         assert records[0]["param_sum_local"] != pytest.approx(initial_sum, abs=1e-6)

@@ -25,7 +25,8 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +59,19 @@ class RankFailedError(RuntimeError):
 
 
 def runtime_problems(cfg: RunConfig, *, cuda: bool) -> list[str]:
-    """:func:`backend_problems` of the run's ``distributed`` settings (the one place for method-specific checks)."""
-    return backend_problems(cfg.distributed, cuda=cuda)
+    """Why the run cannot start here: :func:`backend_problems`, and Liger refused to a ``liger=true`` model.
+
+    The one place for method-specific checks; the models are the run's and any a method names (a teacher).
+    """
+    from alignment.models.config import ModelConfig
+    from alignment.models.liger import liger_errors
+
+    models = [("model", cfg.model)]
+    models += [
+        (f"method.{f.name}", v) for f in fields(cfg.method) if isinstance(v := getattr(cfg.method, f.name), ModelConfig)
+    ]
+    liger = [error for key, model in models for error in liger_errors(model, cuda=cuda, key=key)]
+    return backend_problems(cfg.distributed, cuda=cuda) + liger
 
 
 def check_runtime(cfg: RunConfig) -> None:
@@ -384,17 +396,23 @@ class _Probe:
 def rank_session(cfg: RunConfig, ctx: RunContext) -> Iterator[dict[str, float]]:
     """Record what a rank actually ran while the method runs (the method gets ``cfg.distributed`` itself).
 
-    With a backend set, global hooks note what the Trainer built and ``ranks/rank-<r>.json`` is written on
-    success; the yielded dict then receives ``world_size`` for the run's metrics.
+    With a backend set, models are created sharded under ZeRO-3 / FSDP2 (:func:`sharded_loading`), global hooks
+    note what the Trainer built, and ``ranks/rank-<r>.json`` is written on success, with every model load
+    (``loads``: local vs full parameters, peak RSS); the yielded dict then receives ``world_size`` for the run's
+    metrics.
     """
+    from alignment.models.sharded import LOADS
+    from alignment.training.arguments import sharded_loading
+
     probe = _Probe() if cfg.distributed.backend is not DistributedBackend.none else None
     extra: dict[str, float] = {}
     try:
         if probe is not None:
             probe.install()
-        yield extra
+        with sharded_loading(cfg, ctx) if probe is not None else nullcontext():
+            yield extra
         if probe is not None:
-            record = probe.record(cfg)
+            record = probe.record(cfg) | {"loads": [load.as_dict() for load in LOADS]}
             folder = ctx.output_dir / RANKS_DIR
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"rank-{record['rank']}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -10,7 +10,9 @@ Deviations from the original toolkit: a ``system_prompt`` is injected only when 
 original always prepended one), and loss spans come from rendering the chat template rather than from
 matching a header string, so pad == eos and BPE merges at the header cannot silently drop every span.
 Training runs through TRL's ``SFTTrainer`` on our pre-tokenised ``input_ids``/``labels``, which gives packing
-(best-fit decreasing) and padding-free batches.
+(best-fit decreasing) and padding-free batches; its loss comes from the hidden states of the counted positions,
+through Liger's fused linear cross entropy where ``model.liger`` is on and our chunked head loss elsewhere, so no
+run holds the logits of every position (:mod:`alignment.methods.sft_trainer`).
 """
 
 from __future__ import annotations
@@ -175,9 +177,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     """Validate and tokenise the data, load the model, train, save the model/adapter; return final metrics."""
     # Training-only imports stay here so composing a config (``--cfg job``, ``--help``) imports no ML stack.
     from trl import SFTConfig as TrlSFTConfig
-    from trl import SFTTrainer
 
     from alignment.data.mix import build_splits
+    from alignment.methods.sft_trainer import ChunkedSFTTrainer
     from alignment.models.load import load_model, load_tokenizer
     from alignment.training.arguments import training_args
     from alignment.training.callbacks import MetricsJsonlCallback, SampleGenerationCallback
@@ -212,7 +214,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         max_new_tokens=method.max_new_tokens,
         batch_size=method.per_device_eval_batch_size,
     )
-    trainer = SFTTrainer(
+    trainer = ChunkedSFTTrainer(
         model=model,
         args=args,
         train_dataset=train,

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from omegaconf import MISSING
 
-from alignment.ranges import bounded
+from alignment.ranges import RangeError, bounded
 
 
 class Dtype(StrEnum):
@@ -25,6 +25,17 @@ class AttnImplementation(StrEnum):
     sdpa = "sdpa"
     eager = "eager"
     flash_attention_2 = "flash_attention_2"
+
+
+class Liger(StrEnum):
+    """``model.liger``: Liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU; the fused linear cross entropy in SFT)."""
+
+    auto = "auto"
+    """On where CUDA, the ``liger-kernel`` package and Liger kernels for the architecture are all present."""
+    true = "true"
+    """On; a run that cannot have them fails before any weights load."""
+    false = "false"
+    """Off: the model's own modules (and the chunked loss in SFT)."""
 
 
 class LoraTaskType(StrEnum):
@@ -119,6 +130,9 @@ class ModelConfig:
     """``auto``: bf16 on a GPU that supports it, fp32 otherwise (CPUs here have no native bf16)."""
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
     """Attention kernel; ``flash_attention_2`` needs the flash-attn package and a GPU."""
+    liger: str = Liger.auto
+    """Liger kernels patched on the loaded model: ``auto``, ``true`` or ``false`` (:class:`Liger`). A string field
+    because OmegaConf refuses booleans for an Enum field, and ``model.liger=true`` parses as one."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you set it."""
     chat_template: str | None = None
@@ -139,3 +153,18 @@ class ModelConfig:
     """Adapters (``model.lora.enabled=true``)."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     """QLoRA / 8-bit loading."""
+
+    def __post_init__(self) -> None:
+        self.liger = liger_mode(self.liger)
+
+
+def liger_mode(value: object) -> Liger:
+    """``model.liger`` as a :class:`Liger`: ``auto``/``true``/``false`` in any case (YAML and overrides give ``True``).
+
+    Raises:
+        RangeError: any other value (a user error: printed without a traceback).
+    """
+    text = str(value).lower()
+    if text not in Liger.__members__:
+        raise RangeError(f"model.liger must be auto, true or false, got {value!r}")
+    return Liger(text)

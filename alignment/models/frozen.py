@@ -25,6 +25,7 @@ from alignment.models.config import ReferenceKind
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator  # type: ignore[import-untyped]
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from alignment.models.config import ModelConfig
@@ -38,8 +39,20 @@ class FrozenModel:
     """Runs a computation, without gradient, on a frozen copy or on the policy with its adapters disabled."""
 
     def __init__(self, model: PreTrainedModel | None) -> None:
-        self.model = model
-        """The frozen copy; None means the policy with its adapters disabled."""
+        self.model: Any = model
+        """The frozen copy (after :meth:`prepare`, in its DeepSpeed engine or FSDP shards under those backends);
+        None means the policy with its adapters disabled."""
+
+    def prepare(self, accelerator: Accelerator) -> None:
+        """Place the frozen copy for training: sharded like the policy under ZeRO-3/FSDP2, else on its device.
+
+        The Trainer prepares only the policy; a copy left on the CPU would meet GPU batches, and a ZeRO-3
+        partitioned copy cannot run without an engine (:func:`~alignment.models.sharded.prepare_frozen`).
+        """
+        from alignment.models.sharded import prepare_frozen
+
+        if self.model is not None:
+            self.model = prepare_frozen(self.model, accelerator)
 
     def run(self, policy_model: Any, compute: Callable[[Any], T]) -> T:
         """``compute(model)`` under ``torch.no_grad`` on the frozen copy, or on the adapter-free policy."""
@@ -77,26 +90,18 @@ def move_to_device(model: PreTrainedModel, device: torch.device) -> PreTrainedMo
     return model
 
 
-def load_frozen_copy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_frozen_copy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, sharded: bool = False) -> PreTrainedModel:
     """A frozen copy of the model ``cfg`` describes, without adapters or unfrozen layers, in eval mode.
 
-    The copy is whole on every rank, also under ZeRO-3 (sharding it is future work).
+    ``sharded``: created under the run's ZeRO-3/FSDP2 sharding, for a copy that runs beside the policy on every
+    rank in step (a reference, a teacher), which :meth:`FrozenModel.prepare` (or
+    :func:`~alignment.models.sharded.prepare_frozen`) then wraps; the default loads it whole on every rank, for a
+    copy that one rank may run alone (precomputing reference log-probs or a teacher cache).
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     from alignment.models.load import load_model
 
     without_adapters = replace(cfg, lora=replace(cfg.lora, enabled=False), unfreeze_layers_patterns=[])
-    # Once ZeRO-3 TrainingArguments exist, from_pretrained would build the model inside ``zero.Init`` with a
-    # config DeepSpeed rejects before the engine starts; a frozen copy is loaded whole (replicated) instead.
-    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
-    active = reference() if reference is not None else None
-    hf_deepspeed.unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
-    try:
-        frozen = load_model(without_adapters, tokenizer, frozen=True)
-    finally:
-        if active is not None:
-            hf_deepspeed.set_hf_deepspeed_config(active)
+    frozen = load_model(without_adapters, tokenizer, frozen=True, sharded=sharded)
     frozen.requires_grad_(False)
     frozen.train(False)
     return frozen

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from alignment.models import embedded
 from alignment.models.config import Dtype, LoraConfig, ModelConfig, QuantizationConfig
+from alignment.models.liger import liger_patch
+from alignment.models.sharded import measured_load, parameter_numel, sharded_creation
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     heads find the last token through it). bos/eos follow the tokenizer only when overridden or missing: a
     checkpoint's own ids may list several stop tokens (Llama 3's ``generation_config.eos_token_id``).
     """
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # type: ignore[index]
+    if len(tokenizer) > embedding_rows(model):
         model.resize_token_embeddings(len(tokenizer))
     for attr in _SPECIAL_TOKENS:
         token_id = getattr(tokenizer, f"{attr}_id")
@@ -94,6 +96,12 @@ def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         for target in (model.config, model.generation_config):
             if target is not None and (overridden or getattr(target, f"{attr}_id", None) is None):
                 setattr(target, f"{attr}_id", token_id)
+
+
+def embedding_rows(model: PreTrainedModel) -> int:
+    """Rows of the input embedding matrix; a ZeRO-3 partitioned one keeps its real shape in ``ds_shape``."""
+    weight: Any = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def _touches_tied_embeddings(model: PreTrainedModel, cfg: LoraConfig) -> bool:
@@ -148,10 +156,14 @@ def unfreeze_by_patterns(model: torch.nn.Module, patterns: list[str]) -> None:
                 param.requires_grad_(True)
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, frozen: bool = False) -> PreTrainedModel:
+def load_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, frozen: bool = False, sharded: bool = True
+) -> PreTrainedModel:
     """Load the causal LM, resize for added tokens, then apply LoRA or layer unfreezing.
 
     ``frozen``: the model never trains (a reference or a teacher), so quantised loading needs no adapters.
+    ``sharded``: created under the run's sharding (:mod:`alignment.models.sharded`: ZeRO-3 ``zero.Init``, FSDP2
+    rank-0 loading); False loads it whole on every rank. Without a sharding backend both are the same.
 
     Raises:
         ValueError: quantised loading without LoRA for a model that trains (quantised weights cannot be trained
@@ -162,14 +174,18 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, frozen: 
         raise ValueError(
             "model.quantization needs model.lora.enabled=true: quantised weights only train through adapters"
         )
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        embedded.resolve(cfg.name_or_path),
-        revision=cfg.revision,
-        dtype=resolve_dtype(cfg.dtype),
-        attn_implementation=cfg.attn_implementation.value,
-        trust_remote_code=cfg.trust_remote_code,
-        **quantization_kwargs(cfg.quantization),
-    )
+    patch_kernels = liger_patch(cfg)  # model.liger=true that cannot run here fails before any weights load
+    with sharded_creation(sharded), measured_load("frozen" if frozen else "policy", sharded=sharded) as load:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            embedded.resolve(cfg.name_or_path),
+            revision=cfg.revision,
+            dtype=resolve_dtype(cfg.dtype),
+            attn_implementation=cfg.attn_implementation.value,
+            trust_remote_code=cfg.trust_remote_code,
+            **quantization_kwargs(cfg.quantization),
+        )
+        load.model = model
+    patch_kernels(model)
     _sync_special_tokens(model, tokenizer, cfg)
     if cfg.lora.enabled:
         if cfg.unfreeze_layers_patterns:
@@ -186,8 +202,9 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, param in model.named_parameters():
         key = _LAYER_INDEX.sub(r"\1X", name)
-        groups[key][0] += param.numel() if param.requires_grad else 0
-        groups[key][1] += param.numel()
+        _, numel = parameter_numel(param)  # the whole parameter, also when ZeRO-3 holds a partition here
+        groups[key][0] += numel if param.requires_grad else 0
+        groups[key][1] += numel
     return {key: (trainable, total) for key, (trainable, total) in groups.items()}
 
 

@@ -278,31 +278,36 @@ def load_model_for_classification(
     from alignment.models.config import LoraTaskType
     from alignment.models.load import (
         apply_lora,
+        embedding_rows,
         print_parameter_table,
         quantization_kwargs,
         resolve_dtype,
         unfreeze_by_patterns,
     )
+    from alignment.models.sharded import measured_load, sharded_creation
 
     quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
     if quantized and not cfg.lora.enabled:
         raise ValueError(
             "model.quantization needs model.lora.enabled=true: quantised weights only train through adapters"
         )
-    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
-        embedded.resolve(cfg.name_or_path),
-        revision=cfg.revision,
-        dtype=resolve_dtype(cfg.dtype),
-        attn_implementation=cfg.attn_implementation.value,
-        trust_remote_code=cfg.trust_remote_code,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        problem_type=problem_type.value,
-        **quantization_kwargs(cfg.quantization),
-    )
+    # Created under the run's sharding (ZeRO-3 zero.Init, FSDP2 rank-0 loading), like load_model's.
+    with sharded_creation(True), measured_load("classifier", sharded=True) as load:
+        model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
+            embedded.resolve(cfg.name_or_path),
+            revision=cfg.revision,
+            dtype=resolve_dtype(cfg.dtype),
+            attn_implementation=cfg.attn_implementation.value,
+            trust_remote_code=cfg.trust_remote_code,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            problem_type=problem_type.value,
+            **quantization_kwargs(cfg.quantization),
+        )
+        load.model = model
     # A classifier has no generation config, so only the resize and the ids of load.py's sync apply.
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # type: ignore[index]
+    if len(tokenizer) > embedding_rows(model):
         model.resize_token_embeddings(len(tokenizer))
     _set_pad_token(model, tokenizer)
     for attr in ("bos_token_id", "eos_token_id"):

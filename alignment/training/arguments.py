@@ -3,17 +3,27 @@
 :func:`training_kwargs` is pure: the method's shared fields (HF names), the run's seed and names, and the
 ``distributed`` backend's keywords (:func:`alignment.distributed.trainer_kwargs`, passed explicitly, never read
 from process state). :func:`training_args` builds the arguments object every method's ``run`` uses, with the
-no-eval toggle and the tracker settings applied once.
+no-eval toggle and the tracker settings applied once. :func:`sharded_loading` builds the run's ZeRO-3 arguments
+before any model loads, so that the models are created sharded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from transformers import TrainingArguments
 
-from alignment.distributed import DistributedConfig, trainer_kwargs
+from alignment.distributed import (
+    DistributedBackend,
+    DistributedConfig,
+    cuda_available,
+    process_group_backend,
+    trainer_kwargs,
+)
 from alignment.loggers import interactive_console, report_to
+from alignment.models.sharded import run_sharding
 from alignment.task import IntervalStrategy, MethodConfig, best_model_metric, check_best_model
 
 if TYPE_CHECKING:
@@ -129,3 +139,35 @@ def training_args(
     # Off without a terminal (SLURM .out files, pipes): the train and eval bars would interleave as \r-lines there.
     kwargs.update(disable_tqdm=not interactive_console())
     return args_class(**kwargs, report_to=report_to(cfg.logger), **extra)
+
+
+@contextmanager
+def sharded_loading(cfg: RunConfig, ctx: RunContext) -> Iterator[None]:
+    """While open, this rank's models load sharded under the run's backend (:mod:`alignment.models.sharded`).
+
+    transformers creates a model under ZeRO-3's ``zero.Init`` only while a ``TrainingArguments`` with that config is
+    alive, and the methods load their models before building theirs. So for ZeRO-3 and FSDP2 this builds the run's
+    arguments first (the same DeepSpeed config the method's arguments hold, batch sizes and precision filled from
+    the method; the process group set up). For ZeRO-3 it joins DeepSpeed's communication to that process group
+    (``zero.Init`` reads the world size there, and would otherwise see 1 and reject the batch sizes) and hands the
+    config to the loads that ask for it; for FSDP2 the loads set accelerate's rank-0 loading flags
+    (``distributed.fsdp.cpu_ram_efficient_loading``). Every load is recorded while this is open (the rank record's
+    ``loads``).
+    """
+    dist, method = cfg.distributed, cfg.method
+    zero3 = dist.backend is DistributedBackend.deepspeed and dist.deepspeed.stage == 3
+    fsdp = dist.backend is DistributedBackend.fsdp and dist.fsdp.cpu_ram_efficient_loading
+    config = None
+    if (zero3 or fsdp) and isinstance(method, MethodConfig):
+        kwargs = training_kwargs(method, dist, output_dir=str(ctx.checkpoint_dir), seed=cfg.seed, run_name=ctx.name)
+        args = TrainingArguments(**kwargs, report_to=[])
+        if zero3:
+            import deepspeed  # type: ignore[import-untyped]
+            from transformers.integrations import deepspeed as hf_deepspeed
+
+            deepspeed.init_distributed(dist_backend=process_group_backend(dist, cuda=cuda_available()))
+            config = args.hf_deepspeed_config
+            # Active only around the loads that ask for it; the method's own arguments activate theirs as usual.
+            hf_deepspeed.unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+    with run_sharding(config, fsdp=fsdp):
+        yield

@@ -16,8 +16,18 @@ The objective must return a *sum* (a scalar linear in the tokens, so chunks add 
 ``eager_head_loss`` evaluates the same objective on the full logits and is the reference the chunked path must
 equal. A LoRA adapter on the head trains inside the chunks: ``z = h W^T + s (dropout(h) A^T) B^T``.
 
-Under ZeRO-3 and FSDP the head's weight is a shard that only the module's own forward gathers; those runs call
-:func:`module_head_loss`, which projects through the module (eager, counted positions only).
+:func:`chunked_token_logps` gives per-token log-probs ``log p(y_t | h_t)`` instead of a scalar (the pairwise
+methods and GPO sum them per sequence and apply a loss that is not linear in them, so the gradient reaching each
+token is unknown until backward). Forward projects a chunk of tokens at a time. With a frozen head (LoRA away
+from the head, a reference model) each token's gradient with respect to its own hidden state is taken in forward
+and kept, ``(n, H)``: backward only scales it. With a trainable head forward keeps each token's logsumexp, and
+backward projects once more, a block of vocabulary rows (all tokens) at a time, so each block's weight gradient is
+written once instead of a ``(V, H)`` gradient being summed for every token chunk. :func:`head_token_logps` picks,
+for a model, this path or the module's (below).
+
+Under ZeRO-3 and FSDP (:func:`head_is_sharded`) the head's weight is a shard that only the module's own forward
+gathers; those runs project through the module (:func:`module_head_loss`, :func:`module_logits`; eager, counted
+positions only).
 """
 
 from __future__ import annotations
@@ -64,13 +74,22 @@ class OutputHead:
         return replace(self, weight=self.weight[:vocab], bias=bias, lora_b=lora_b)
 
 
-def project(head: OutputHead, hidden: torch.Tensor, tensors: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """fp32 logits of ``hidden`` ``(n, H)`` through ``head`` (``tensors`` replace the head's own, same order)."""
+def project(
+    head: OutputHead,
+    hidden: torch.Tensor,
+    tensors: list[torch.Tensor | None] | None = None,
+    dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp32 logits of ``hidden`` ``(n, H)`` through ``head`` (``tensors`` replace the head's own, same order).
+
+    ``dropped`` is the LoRA branch's input when the caller applied the adapter's dropout itself (None: applied here).
+    """
     weight, bias, lora_a, lora_b = tensors if tensors is not None else head.tensors()
     assert weight is not None
     logits = torch.nn.functional.linear(hidden, weight, bias)
     if lora_a is not None and lora_b is not None:
-        dropped = head.lora_dropout(hidden) if head.lora_dropout is not None else hidden
+        if dropped is None:
+            dropped = head.lora_dropout(hidden) if head.lora_dropout is not None else hidden
         logits = logits + (dropped @ lora_a.T.to(dropped.dtype)) @ lora_b.T.to(dropped.dtype) * head.lora_scaling
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (bf16 heads)
     if head.logit_scale != 1.0:
@@ -172,22 +191,242 @@ def chunked_head_loss(
     return result
 
 
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """Per-token log-probs a chunk at a time; backward gets what it needs without keeping any chunk's logits.
+
+    Forward goes over chunks of ``chunk_size`` tokens. ``store`` (no head tensor trains): token ``t``'s log-prob
+    depends on ``h_t`` alone, so forward takes each chunk's ``d logp_t / d h_t`` at once and keeps these ``(n, H)``
+    rows; backward scales them by the incoming gradient. Otherwise forward keeps each token's logsumexp ``(n,)``
+    and backward projects again, a block of vocabulary rows at a time (:func:`_vocab_blocked_grads`), sending
+    ``g_t (onehot(y_t) - softmax(z_t))`` back through the projection to the hidden states and head tensors.
+    The inputs after ``store`` are ``hidden``, ``dropped`` (the LoRA branch's input, None: ``hidden``) and
+    the head's tensors; ``head`` itself carries no dropout here (the caller applied it).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        head: OutputHead,
+        targets: torch.Tensor,
+        chunk_size: int,
+        store: bool,
+        hidden: torch.Tensor,
+        dropped: torch.Tensor | None,
+        *tensors: torch.Tensor | None,
+    ) -> torch.Tensor:
+        wide = torch.promote_types(hidden.dtype, torch.float32)  # the logits' dtype (fp32 for bf16 models)
+        logps = torch.empty(hidden.size(0), dtype=wide, device=hidden.device)
+        norms = torch.empty_like(logps)
+        inputs, wanted = [hidden, dropped], list(ctx.needs_input_grad[4:6])  # False for a None input
+        kept = [torch.zeros_like(t) if t is not None and want else None for t, want in zip(inputs, wanted, strict=True)]
+        for part in _chunks(hidden.size(0), chunk_size):
+            with torch.set_grad_enabled(store):  # no head tensor requires a gradient when ``store``
+                rows = _rows(inputs, part, wanted if store else [False, False])
+                logits = project(head, rows[0], list(tensors), rows[1])
+            logps[part], norms[part] = _gather_logps(logits.detach(), targets[part])
+            if store:
+                sources = [row for row, want in zip(rows, wanted, strict=True) if want]
+                grads = iter(
+                    torch.autograd.grad(logits, sources, _logit_grad(logits.detach(), norms[part], targets[part]))
+                )
+                for grad, want in zip(kept, wanted, strict=True):
+                    if want:
+                        grad[part] = next(grads)  # type: ignore[index]
+        ctx.store, ctx.head, ctx.chunk_size, ctx.head_tensors = store, head, chunk_size, len(tensors)
+        if store:
+            ctx.save_for_backward(*kept)
+        else:
+            ctx.save_for_backward(hidden, dropped, targets, norms, *tensors)
+        return logps
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.store:  # each row's gradient was taken in forward
+            scaled = [(grad[:, None] * g).to(g.dtype) if g is not None else None for g in ctx.saved_tensors]
+            return (None, None, None, None, *scaled, *[None] * ctx.head_tensors)
+        hidden, dropped, targets, norms, *tensors = ctx.saved_tensors
+        inputs = [hidden, dropped, *tensors]
+        grads = _vocab_blocked_grads(ctx.head, ctx.chunk_size, ctx.needs_input_grad[4:], grad, targets, norms, inputs)
+        return (None, None, None, None, *grads)
+
+
+_VOCAB_ROWS = (2, 3, 5)
+"""Inputs (hidden, dropped, weight, bias, lora_a, lora_b) with a row per vocabulary entry."""
+
+
+def _vocab_blocked_grads(
+    head: OutputHead,
+    chunk_size: int,
+    needs: tuple[bool, ...],
+    grad: torch.Tensor,
+    targets: torch.Tensor,
+    norms: torch.Tensor,
+    inputs: list[torch.Tensor | None],
+) -> list[torch.Tensor | None]:
+    """Gradients of ``sum_t grad_t logp_t`` for ``inputs`` (hidden, dropped, weight, bias, lora_a, lora_b).
+
+    The projection is done again one block of vocabulary rows at a time, for all tokens (``chunk_size * V / n``
+    rows: as many logits as a forward chunk). Each block's rows of weight, bias and ``lora_b`` get their gradient
+    whole, once; only the ``(n, H)`` hidden-state (and the small ``lora_a``) gradients are summed over blocks.
+    Blocks of tokens would instead sum a ``(V, H)`` weight gradient per chunk: ``V / n`` times that traffic.
+    """
+    hidden, weight = inputs[0], inputs[2]
+    assert hidden is not None
+    assert weight is not None
+    vocab = weight.size(0)
+    block = max(1, chunk_size * vocab // max(hidden.size(0), 1))
+    leaves = [
+        t.detach().requires_grad_(need) if t is not None and i not in _VOCAB_ROWS else None
+        for i, (t, need) in enumerate(zip(inputs, needs, strict=True))
+    ]
+    out = [
+        torch.zeros_like(t, dtype=t.dtype if i in _VOCAB_ROWS else torch.promote_types(t.dtype, torch.float32))
+        if t is not None and need
+        else None
+        for i, (t, need) in enumerate(zip(inputs, needs, strict=True))
+    ]
+    for start in range(0, vocab, block):
+        part = slice(start, min(start + block, vocab))
+        with torch.enable_grad():
+            rows: list[Any] = [
+                t[part].detach().requires_grad_(need) if t is not None and i in _VOCAB_ROWS else leaves[i]
+                for i, (t, need) in enumerate(zip(inputs, needs, strict=True))
+            ]
+            logits = project(head, rows[0], rows[2:], rows[1])
+        upstream = (logits.detach() - norms[:, None]).exp_().mul_(-grad[:, None])  # -g_t softmax(z_t)
+        inside = ((targets >= part.start) & (targets < part.stop)).nonzero().flatten()
+        upstream[inside, targets[inside] - part.start] += grad[inside]  # + g_t onehot(y_t)
+        wanted = [i for i, need in enumerate(needs) if need]
+        found = torch.autograd.grad(logits, [rows[i] for i in wanted], upstream, allow_unused=True)
+        for i, value in zip(wanted, found, strict=True):
+            total = out[i]
+            if value is None or total is None:
+                continue
+            if i in _VOCAB_ROWS:
+                total[part] = value
+            else:
+                total.add_(value)
+    return [g.to(t.dtype) if g is not None and t is not None else None for g, t in zip(out, inputs, strict=True)]
+
+
+def _rows(inputs: list[torch.Tensor | None], part: slice, grad: list[bool]) -> list[Any]:
+    """The chunk's rows of each input, as leaves that require a gradient where ``grad`` says."""
+    return [t[part].detach().requires_grad_(g) if t is not None else None for t, g in zip(inputs, grad, strict=True)]
+
+
+def _chunks(rows: int, chunk_size: int) -> list[slice]:
+    return [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
+
+
+def _gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob of each row's target, each row's logsumexp)``, both ``(rows,)``."""
+    norms = logits.logsumexp(-1)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - norms, norms
+
+
+def _logit_grad(logits: torch.Tensor, norms: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``d logp_t / d z_t = onehot(y_t) - softmax(z_t)``, ``(rows, V)``."""
+    grad = (logits - norms[:, None]).exp_().neg_()
+    grad[torch.arange(grad.size(0), device=grad.device), targets] += 1.0
+    return grad
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, *, chunk_size: int = 0
+) -> torch.Tensor:
+    """``log p(targets[t] | hidden[t])`` through ``head``, ``(n,)`` (fp32 at least), a chunk of logits at a time.
+
+    Differentiable with respect to ``hidden`` ``(n, H)`` and the head's tensors that require a gradient; equal to
+    :func:`eager_token_logps` (to float rounding) in value and gradient. With a frozen head (no head tensor
+    requires a gradient: LoRA elsewhere, a reference) each token's gradient with respect to its hidden state is
+    taken in forward and kept, ``(n, H)``, so backward only scales it; with a trainable head backward projects
+    again from the kept per-token logsumexp, a block of vocabulary rows at a time. Without gradient it is a plain
+    loop over chunks. ``chunk_size`` (tokens per chunk; a backward block holds as many logits) 0 takes as many
+    tokens as keep :data:`CHUNK_LOGITS` logits. A LoRA dropout on the head is drawn here, once, for all chunks.
+    """
+    if chunk_size == 0:
+        chunk_size = max(1, CHUNK_LOGITS // head.weight.size(0))
+    tensors = head.tensors()
+    trains = [t is not None and t.requires_grad for t in tensors]
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or any(trains)):
+        parts = [
+            _gather_logps(project(head, hidden[part]), targets[part])[0] for part in _chunks(len(hidden), chunk_size)
+        ]
+        return (
+            torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        )
+    dropped = None
+    if head.lora_a is not None and head.lora_b is not None and head.lora_dropout is not None:
+        applied = head.lora_dropout(hidden)  # here, once, so that backward's second projection sees the same mask
+        dropped = None if applied is hidden else applied
+    bare = replace(head, lora_dropout=None)
+    logps: torch.Tensor = _ChunkedTokenLogps.apply(  # type: ignore[no-untyped-call]
+        bare, targets, chunk_size, not any(trains), hidden, dropped, *tensors
+    )
+    return logps
+
+
+def eager_token_logps(hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor) -> torch.Tensor:
+    """The reference: log-softmax of the full ``(n, V)`` logits, gathered (what :func:`chunked_token_logps` avoids)."""
+    return torch.log_softmax(project(head, hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
 def eager_head_loss(hidden: torch.Tensor, head: OutputHead, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: the objective on the full ``(tokens, V)`` logits (what :func:`chunked_head_loss` avoids)."""
     return objective(project(head, hidden), slice(0, hidden.size(0)))
+
+
+def module_logits(
+    hidden: torch.Tensor, module: torch.nn.Module, head: OutputHead, vocab: int | None = None
+) -> torch.Tensor:
+    """fp32 logits from the head *module* (its hooks gather ZeRO-3 / FSDP shards), first ``vocab`` rows; eager."""
+    logits: torch.Tensor = module(hidden)[..., :vocab]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if head.logit_scale != 1.0:
+        logits = logits * head.logit_scale
+    if head.softcap is not None:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    return logits
 
 
 def module_head_loss(
     hidden: torch.Tensor, module: torch.nn.Module, head: OutputHead, objective: Objective, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The objective on logits from the head *module* (its hooks gather ZeRO-3 / FSDP shards); eager."""
-    logits = module(hidden)[..., :vocab]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if head.logit_scale != 1.0:
-        logits = logits * head.logit_scale
-    if head.softcap is not None:
-        logits = head.softcap * torch.tanh(logits / head.softcap)
-    return objective(logits, slice(0, hidden.size(0)))
+    return objective(module_logits(hidden, module, head, vocab), slice(0, hidden.size(0)))
+
+
+def head_is_sharded(model: Any) -> bool:
+    """Whether ZeRO-3 or FSDP shards ``model`` (any wrapper): its head's weight is then a shard outside forward.
+
+    Read from the model itself: a DeepSpeed ZeRO-3 parameter carries ``ds_id``; FSDP2 makes the model an
+    ``FSDPModule`` (and its parameters DTensors); FSDP1 wraps it in ``FullyShardedDataParallel``.
+    """
+    _module, head = output_head(model)
+    if hasattr(head.weight, "ds_id"):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor):
+        return True
+    wrappers = (model, getattr(model, "module", model), unwrap_causal_lm(model))
+    return any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in wrappers)
+
+
+def head_token_logps(model: Any, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 0) -> torch.Tensor:
+    """fp32 log-probs of ``targets`` ``(n,)`` from ``model``'s final hidden states ``(n, H)`` of those tokens.
+
+    :func:`chunked_token_logps` through the model's :func:`output_head`; under ZeRO-3 / FSDP (:func:`head_is_sharded`)
+    the eager projection through the head module instead (the ``n`` counted tokens only).
+    """
+    module, head = output_head(model)
+    if head_is_sharded(model):
+        logits = module_logits(hidden, module, head)
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    return chunked_token_logps(hidden, head, targets, chunk_size=chunk_size)
 
 
 def output_head(model: Any) -> tuple[torch.nn.Module, OutputHead]:

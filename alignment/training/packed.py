@@ -3,7 +3,8 @@
 Several sequences are concatenated into one row with restarting ``position_ids``; a second id row says which
 sequence each token belongs to. Attention must stay inside each sequence: flash-attention gets varlen boundaries
 (``cu_seq_lens``), every other implementation a 4-D mask (boolean for sdpa, additive float for eager). Log-probs
-are taken from the logits of the positions that predict a counted (non-ignored) label and summed per sequence.
+are taken from the final hidden states of the positions that predict a counted (non-ignored) label, through the
+output head a chunk at a time (:mod:`alignment.training.chunked`), and summed per sequence.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alignment.data.chat_template import IGNORE_INDEX
+from alignment.training.chunked import final_hidden_states, head_token_logps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -64,23 +66,17 @@ def attention_kwargs(model: Any, position_ids: torch.Tensor, sequence_ids: torch
 def counted_token_logps(
     model: Any, batch: Mapping[str, torch.Tensor], attention: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the packed row; log-probs of the counted labels only, ``(counted,)``, and their positions.
+    """One forward over the packed row; fp32 log-probs of the counted labels only, ``(counted,)``, and their positions.
 
-    Only the positions that predict a counted label go through the LM head (``logits_to_keep``). The positions
-    index the shifted row (``labels[0, 1:]``), so ``ids[0, 1:][positions]`` are the owners of the log-probs.
+    The forward goes through ``model``'s wrappers (DDP, DeepSpeed, PEFT) and stops at the final hidden states;
+    only the positions that predict a counted label go through the output head, a chunk of tokens at a time
+    (:func:`~alignment.training.chunked.head_token_logps`), so no ``(tokens, vocabulary)`` logits are ever held.
+    The positions index the shifted row (``labels[0, 1:]``), so ``ids[0, 1:][positions]`` own the log-probs.
     """
     targets = batch["labels"][0, 1:]
     predicting = (targets != IGNORE_INDEX).nonzero().flatten()
-    outputs = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-        logits_to_keep=predicting,
-        **attention,
-    )
-    logits = outputs.logits[0].float()
-    chosen = targets[predicting]
-    return logits.gather(-1, chosen[:, None]).squeeze(-1) - logits.logsumexp(-1), predicting
+    hidden = final_hidden_states(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention)
+    return head_token_logps(model, hidden[0, predicting], targets[predicting]), predicting
 
 
 def sum_per_sequence(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:

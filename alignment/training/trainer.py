@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from alignment.training.metrics import real_items
+
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Micro-batches of whole pairs holding at most ``budget`` tokens (both sides), in a seeded shuffled order.
@@ -116,6 +118,20 @@ class StepNormalisedTrainer(Trainer):
             gathered = self.accelerator.gather(torch.tensor([counts], device=device)).sum(0)
             counts = [float(c) for c in gathered]
         return self.step_window(counts)
+
+    def metric_items(self, items: int, *, training: bool) -> int:
+        """How many of this rank's ``items`` (first dimension of per-item values) count in the logged metrics.
+
+        All of them in training (the repeats that fill an uneven last round of batches are trained on too, and HF
+        fetches a step's micro-batches ahead, so the end-of-data flag is not per micro-batch there); in an
+        evaluation's last batch only the real ones (:func:`alignment.training.metrics.real_items`).
+        """
+        if training:
+            return items
+        state = self.accelerator.gradient_state
+        return real_items(
+            items, rank=self.args.process_index, remainder=state.remainder, last_batch=state.end_of_dataloader
+        )
 
     def scale_for_ranks(self, loss: torch.Tensor, *, training: bool) -> torch.Tensor:
         """A training loss times the world size: DDP averages gradients over ranks, and the step counts are global."""

@@ -64,17 +64,17 @@ def rows_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def loss_token_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record ``num_items_in_batch`` (loss tokens per optimizer step) as the trainer passes it to ``compute_loss``."""
-    from trl import SFTTrainer
+    from alignment.methods.sft_trainer import ChunkedSFTTrainer
 
     seen: list[int] = []
-    real = SFTTrainer.compute_loss
+    real = ChunkedSFTTrainer.compute_loss
 
     def spy(self: Any, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         if model.training:
             seen.append(int(num_items_in_batch))
         return real(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
+    monkeypatch.setattr(ChunkedSFTTrainer, "compute_loss", spy)
     return seen
 
 
@@ -192,6 +192,9 @@ def _assert_run_outputs(out: Path, metrics: dict[str, float]) -> None:
     logs = read_logs(out)
     assert any("loss" in e for e in logs)
     assert any("eval_loss" in e for e in logs)
+    # TRL's token metrics survive the chunked loss, in training and evaluation
+    assert all(0 <= e["mean_token_accuracy"] <= 1 and e["entropy"] > 0 for e in logs if "loss" in e)
+    assert all(0 <= e["eval_mean_token_accuracy"] <= 1 and e["eval_entropy"] > 0 for e in logs if "eval_loss" in e)
     files = sorted((out / "generations").glob("step_*.jsonl"))
     assert files
     rows = [json.loads(line) for line in files[-1].read_text(encoding="utf-8").splitlines()]

@@ -172,20 +172,45 @@ class TeacherOutputs:
     head: OutputHead | None = None
     """The teacher's output head on the student's device (None for a top-k cache)."""
 
+    def prepare(self, accelerator: Any) -> None:
+        """Place what runs beside the student once the Trainer's accelerator exists (nothing, for a cache)."""
+
     def outputs(self, batch: Mapping[str, torch.Tensor], counted: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
         """``hidden`` ``(N, H_T)``, or ``ids``/``logp``/``tail`` of a top-k cache, in counted-token order."""
         raise NotImplementedError
 
 
 class ModelTeacher(TeacherOutputs):
-    """The frozen teacher in this process, on its own device or the student's."""
+    """The frozen teacher in this process, on its own device or the student's, or sharded like the student.
+
+    A ZeRO-3 partitioned teacher (loaded under ``zero.Init``) keeps its body sharded and runs in a DeepSpeed engine,
+    an FSDP2 one is sharded per layer like the student (:meth:`prepare`); its output head alone is kept as a full
+    copy (gathered once under ZeRO-3), which the loss projects through.
+    """
 
     def __init__(self, model: PreTrainedModel, device: torch.device, student_device: torch.device) -> None:
-        self.model = move_to_device(model, device)
-        self.device = device
+        from alignment.models.sharded import fsdp_loading, is_partitioned
+
         _, head = output_head(model)
-        self.head = head if device == student_device else _head_on(head, student_device)
+        self.sharded = is_partitioned(model) or fsdp_loading()
+        self.device = student_device if self.sharded else device  # a sharded teacher runs where the student does
+        if self.sharded:
+            self.model: Any = model
+            # FSDP's rank-0 loading moves the other ranks' weights to the meta device: the copy must be its own.
+            self.head = (
+                _gathered_head(head, student_device) if is_partitioned(model) else _head_copy(head, student_device)
+            )
+        else:
+            self.model = move_to_device(model, device)
+            self.head = head if device == student_device else _head_on(head, student_device)
         self.student_device = student_device
+
+    def prepare(self, accelerator: Any) -> None:
+        """Shard a teacher loaded for it like the student: a ZeRO-3 DeepSpeed engine (no optimizer), FSDP2 shards."""
+        from alignment.models.sharded import prepare_frozen
+
+        if self.sharded:
+            self.model = prepare_frozen(self.model, accelerator)
 
     def outputs(self, batch: Mapping[str, torch.Tensor], counted: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
         """The teacher's final hidden states at the counted positions (only they move between devices)."""
@@ -226,6 +251,23 @@ def _head_on(head: OutputHead, device: torch.device) -> OutputHead:
     """A copy of a frozen head's tensors on ``device``."""
     bias = head.bias.to(device) if head.bias is not None else None
     return replace(head, weight=head.weight.detach().to(device), bias=bias)
+
+
+def _gathered_head(head: OutputHead, device: torch.device) -> OutputHead:
+    """A full copy on ``device`` of a ZeRO-3 partitioned head's tensors, gathered once from every rank's partition."""
+    import deepspeed  # type: ignore[import-untyped]
+
+    tensors = [t for t in head.tensors() if t is not None]
+    with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+        weight = head.weight.detach().to(device, copy=True)
+        bias = head.bias.detach().to(device, copy=True) if head.bias is not None else None
+    return replace(head, weight=weight, bias=bias)
+
+
+def _head_copy(head: OutputHead, device: torch.device) -> OutputHead:
+    """A copy of a frozen head's tensors on ``device`` that shares no storage with the model."""
+    bias = head.bias.detach().to(device, copy=True) if head.bias is not None else None
+    return replace(head, weight=head.weight.detach().to(device, copy=True), bias=bias)
 
 
 def _teacher_device(cfg: TeacherConfig, student_device: torch.device) -> torch.device:
@@ -471,6 +513,7 @@ class DistillTrainer(StepNormalisedTrainer):
         super().__init__(*args, **kwargs)
         self.method = method
         self.teacher = teacher
+        teacher.prepare(self.accelerator)
         self.vocab = vocab
         """Output rows student and teacher share; logits are cut to it."""
         self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -589,9 +632,10 @@ def run_distillation(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     assert isinstance(method, DistillConfig)
     tokenizer, train, evaluation, raw_eval = _prepare(cfg)
     prompts = sft.eval_prompts(raw_eval, tokenizer, method) if raw_eval is not None else []
-    # Models load before the TrainingArguments, as in every method (ZeRO-3's zero.Init is not active yet).
+    # Student and teacher are created sharded under ZeRO-3 (the run opened its zero.Init config before the method).
     model = load_model(cfg.model, tokenizer)
-    frozen = load_frozen_copy(method.teacher, tokenizer) if method.teacher_source is TeacherSource.model else None
+    teaching = method.teacher_source is TeacherSource.model
+    frozen = load_frozen_copy(method.teacher, tokenizer, sharded=True) if teaching else None
     args = training_args(
         cfg, ctx, evaluation=evaluation is not None, remove_unused_columns=False, prediction_loss_only=True
     )
@@ -612,7 +656,8 @@ def run_distillation(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
         teacher = CacheTeacher(tables, head)
         teacher_rows = head.weight.size(0) if head is not None else _teacher_vocab(method.teacher)
     _, student_head = output_head(model)
-    vocab = shared_vocabulary(student_head.weight.size(0), teacher_rows, len(tokenizer))
+    student_rows = int(getattr(student_head.weight, "ds_shape", student_head.weight.shape)[0])  # ZeRO-3: a partition
+    vocab = shared_vocabulary(student_rows, teacher_rows, len(tokenizer))
     samples = SampleGenerationCallback(
         prompts,
         tokenizer,

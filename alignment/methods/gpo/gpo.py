@@ -25,8 +25,10 @@ gives the gradient of micro-batch 4 x accumulation 1.
 Batching: whole groups are packed padding-free into micro-batches of at most ``max_tokens_per_batch`` tokens. With
 ``share_prompt`` a group is one segment ``[prompt, c_1, …, c_G]`` whose completions attend to the prompt and to
 themselves only (a block mask; position ids restart after the prompt), so the prompt is computed once per group
-instead of G times; without it each completion is its own ``prompt + c_i`` sequence. Only the completion positions
-go through the LM head (``logits_to_keep``).
+instead of G times; without it each completion is its own ``prompt + c_i`` sequence. With sdpa each segment is
+attended on its own (:mod:`alignment.methods.gpo.attention`), so attention costs ``Σ L²`` over the segments, not
+``T²`` over the row. Only the positions that predict a completion token go through the LM head, a chunk of tokens
+at a time, with the loss's gradient taken per chunk (:func:`alignment.methods.gpo.trainer.policy_loss`).
 
 Deviations from the original (seed spec §4.7), each a fix: it crashed before training (four independent bugs); ids
 are padded with the pad token, not -100 (we pack, so nothing is padded); a micro-batch holds several groups, not
@@ -161,8 +163,8 @@ class GpoLoss:
 
 PolicyTerm: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]"
 """``term(token_logps, token_advantages) -> (tokens,)``, both ``(tokens,)``."""
-Aggregation: TypeAlias = "Callable[[torch.Tensor, torch.Tensor, GroupCounts], torch.Tensor]"
-"""``weights(sequence, group_sizes, window) -> (tokens,)``: each token's weight in the step's loss."""
+Aggregation: TypeAlias = "Callable[[torch.Tensor, torch.Tensor, torch.Tensor, GroupCounts], torch.Tensor]"
+"""``weights(sequence, lengths, group_sizes, window) -> (tokens,)``: each token's weight in the step's loss."""
 
 
 def grpo_term(logps: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -183,15 +185,16 @@ def k3_kl(logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
     return rho.exp() - rho - 1
 
 
-def sequence_mean_weights(sequence: torch.Tensor, group_sizes: torch.Tensor, window: GroupCounts) -> torch.Tensor:
-    """``1 / (|o_i| · G_i · N_groups)`` for each token of completion i."""
-    import torch
+def sequence_mean_weights(
+    sequence: torch.Tensor, lengths: torch.Tensor, group_sizes: torch.Tensor, window: GroupCounts
+) -> torch.Tensor:
+    """``1 / (|o_i| · G_i · N_groups)`` for each token of completion i (``|o_i|`` = ``lengths[i]``)."""
+    return 1.0 / (lengths[sequence] * group_sizes[sequence] * window.groups)
 
-    counts = torch.zeros_like(group_sizes).index_add(0, sequence, torch.ones_like(sequence, dtype=group_sizes.dtype))
-    return 1.0 / (counts[sequence] * group_sizes[sequence] * window.groups)
 
-
-def token_sum_weights(sequence: torch.Tensor, group_sizes: torch.Tensor, window: GroupCounts) -> torch.Tensor:
+def token_sum_weights(
+    sequence: torch.Tensor, lengths: torch.Tensor, group_sizes: torch.Tensor, window: GroupCounts
+) -> torch.Tensor:
     """``1 / N_tokens`` for every token."""
     import torch
 
@@ -209,8 +212,9 @@ def gpo_loss(
     loss_type: GpoLossType,
     aggregation: TokenAggregation,
     kl_beta: float,
+    lengths: torch.Tensor | None = None,
 ) -> GpoLoss:
-    """The GPO loss of one packed micro-batch.
+    """The GPO loss of one packed micro-batch, or its share from some of its tokens (``lengths`` given).
 
     Args:
         policy: policy log-prob of each completion token, ``(tokens,)``.
@@ -222,14 +226,22 @@ def gpo_loss(
         loss_type: the policy-gradient term.
         aggregation: how tokens are weighted.
         kl_beta: KL weight β.
+        lengths: tokens of each completion in the micro-batch, ``(sequences,)``; None: counted from ``sequence``
+            (which must then hold all of them). Given, ``policy`` may be any subset of the tokens (a chunk), and the
+            losses of disjoint subsets add up to the micro-batch's.
     """
+    import torch
+
     per_token = GPO_TERMS[loss_type](policy, advantages[sequence])
     kl = None
     if reference is not None and kl_beta:
         kl_full = k3_kl(policy, reference)
         per_token = per_token + kl_beta * kl_full
         kl = kl_full.detach()
-    weights = AGGREGATIONS[aggregation](sequence, group_sizes.to(policy.dtype), window)
+    sizes = group_sizes.to(policy.dtype)
+    if lengths is None:
+        lengths = torch.zeros_like(sizes).index_add(0, sequence, torch.ones_like(sequence, dtype=sizes.dtype))
+    weights = AGGREGATIONS[aggregation](sequence, lengths.to(policy.dtype), sizes, window)
     return GpoLoss((per_token * weights).sum(), per_token, kl)
 
 
@@ -486,13 +498,22 @@ class GroupCollator:
 
 
 def _group_attention_kwargs(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Completions attend to their group's shared prompt and to themselves, causally."""
+    """Completions attend to their group's shared prompt and to themselves, causally; sequences to themselves.
+
+    sdpa attends segment by segment (:mod:`alignment.methods.gpo.attention`: each group, or each sequence, on its
+    own slice, so the cost is ``Σ L²`` over segments, not ``T²`` over the row); flash-attention gets varlen
+    boundaries (plain sequences only); eager and other implementations a dense ``(T, T)`` mask.
+    """
+    from alignment.methods.gpo.attention import segment_kwargs
     from alignment.training.packed import attention_implementation, attention_kwargs, mask_kwargs
 
     segments, groups = batch["segment_ids"][0], batch["group_ids"][0]
+    implementation = attention_implementation(model)
+    if implementation == "sdpa":
+        return segment_kwargs(segments, groups)
     if not bool((segments < 0).any()):
         return attention_kwargs(model, batch["position_ids"], batch["segment_ids"])  # plain packed sequences
-    if attention_implementation(model) == "flash_attention_2":
+    if implementation == "flash_attention_2":
         raise ValueError("method.share_prompt=true needs sdpa or eager attention; set method.share_prompt=false")
     same_group = groups[:, None] == groups[None, :]
     visible = (segments[None, :] < 0) | (segments[:, None] == segments[None, :])
@@ -504,10 +525,32 @@ def token_logps(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> tu
 
     Only the positions that predict a completion token go through the LM head.
     """
+    from alignment.methods.gpo.attention import check_used
     from alignment.training.packed import counted_token_logps
 
-    logps, predicting = counted_token_logps(model, batch, _group_attention_kwargs(model, batch))
+    attention = _group_attention_kwargs(model, batch)
+    logps, predicting = counted_token_logps(model, batch, attention)
+    check_used(attention, model)
     return logps, batch["segment_ids"][0, 1:][predicting]
+
+
+def completion_hidden_states(
+    model: PreTrainedModel, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the packed row, up to the final hidden states of the positions predicting completion tokens.
+
+    Returns the hidden states ``(tokens, H)`` and the completion index of each ``(tokens,)``, in
+    :func:`token_logps`'s order; the LM head is left to the caller (:func:`alignment.methods.gpo.trainer.policy_loss`
+    applies it a chunk at a time).
+    """
+    from alignment.methods.gpo.attention import check_used
+    from alignment.training.chunked import final_hidden_states
+
+    predicting = (batch["labels"][0, 1:] != IGNORE_INDEX).nonzero().flatten()
+    attention = _group_attention_kwargs(model, batch)
+    hidden = final_hidden_states(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention)
+    check_used(attention, model)
+    return hidden[0, predicting], batch["segment_ids"][0, 1:][predicting]
 
 
 def batch_counts(batch: Mapping[str, torch.Tensor]) -> GroupCounts:

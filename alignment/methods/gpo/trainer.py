@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +22,14 @@ from alignment.methods.gpo.gpo import (
     GroupCounts,
     GroupStats,
     batch_counts,
+    completion_hidden_states,
     gpo_loss,
     packed_lengths,
     token_logps,
 )
 from alignment.models.config import ReferenceKind
-from alignment.models.frozen import FrozenModel, cached_outputs, fingerprint, load_frozen_copy, move_to_device
+from alignment.models.frozen import FrozenModel, cached_outputs, fingerprint, load_frozen_copy
+from alignment.training.chunked import chunked_head_loss, output_head
 from alignment.training.trainer import StepNormalisedTrainer
 
 if TYPE_CHECKING:
@@ -38,8 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, GroupCounts], GpoLoss]
-"""``loss_fn(policy, reference, advantages, sequence, group_sizes, window)``: :func:`gpo_loss` with its settings."""
+LossFn = Callable[..., GpoLoss]
+"""``loss_fn(policy, reference, advantages, sequence, group_sizes, window, lengths=None)``: :func:`gpo_loss` with its
+settings."""
 
 STATS = (
     "sequences",
@@ -94,14 +98,83 @@ def precompute_reference(
     return dataset.add_column("ref_logps", column)
 
 
-def _statistics(out: GpoLoss, policy: torch.Tensor, sequence: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The :data:`STATS` sums of one micro-batch, ``(len(STATS),)``."""
+class _TokenLogps(torch.autograd.Function):
+    """``log_softmax(logits)[target]`` per row with one pass of exponentials, reused by backward.
+
+    Backward is ``g (onehot(target) - softmax)`` from the kept exponentials and their row sums: no second
+    softmax, no zero-filled scatter (what autograd through ``logsumexp`` and ``gather`` costs, about 1.8x this).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(-1, keepdim=True)
+        exps = (logits - top).exp_()
+        totals = exps.sum(-1)
+        ctx.save_for_backward(exps, totals, targets)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - top.squeeze(-1) - totals.log()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        exps, totals, targets = ctx.saved_tensors
+        out = exps * (-grad / totals)[:, None]
+        rows = torch.arange(targets.numel(), device=targets.device)
+        return out.index_put_((rows, targets), grad, accumulate=True), None
+
+
+def policy_loss(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    reference: torch.Tensor | None,
+    loss_fn: LossFn,
+    window: GroupCounts,
+    *,
+    chunked: bool = True,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's GPO loss and its :data:`STATS` sums; the LM head runs a chunk of tokens at a time.
+
+    The loss is a sum over tokens of weights fixed by the micro-batch's counts, so each chunk's share is computed
+    (with its gradients, by :func:`~alignment.training.chunked.chunked_head_loss`) while only that chunk's logits
+    exist (``chunk_size`` tokens; 0: the shared engine's default). ``chunked=False`` (a ZeRO-3/FSDP-sharded head,
+    whose weight only the module's own forward gathers): the log-probs of
+    :func:`~alignment.methods.gpo.gpo.token_logps` and one :func:`gpo_loss` over them.
+    """
+    advantages, sizes = batch["advantages"], batch["group_sizes"]
+    if not chunked:
+        policy, sequence = token_logps(model, batch)
+        out = loss_fn(policy, reference, advantages, sequence, sizes, window)
+        kl = out.kl.sum() if out.kl is not None else policy.new_zeros(())
+        return out.loss, _statistics(_sequence_sums(policy.detach(), sequence, advantages.numel(), kl), sequence, batch)
+    hidden, sequence = completion_hidden_states(model, batch)
+    labels = batch["labels"][0, 1:]
+    targets = labels[labels != IGNORE_INDEX]
+    lengths = torch.bincount(sequence, minlength=advantages.numel())
+
+    def objective(logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        logps: torch.Tensor = _TokenLogps.apply(logits, targets[rows])  # type: ignore[no-untyped-call]
+        part = sequence[rows]
+        chunk_reference = reference[rows] if reference is not None else None
+        out = loss_fn(logps, chunk_reference, advantages, part, sizes, window, lengths=lengths)
+        kl = out.kl.sum() if out.kl is not None else logps.new_zeros(())
+        return out.loss, _sequence_sums(logps.detach(), part, advantages.numel(), kl)
+
+    total, sums = chunked_head_loss(hidden, output_head(model)[1], objective, chunk_size=chunk_size)
+    return total, _statistics(sums, sequence, batch)
+
+
+def _sequence_sums(logps: torch.Tensor, sequence: torch.Tensor, count: int, kl: torch.Tensor) -> torch.Tensor:
+    """``(log-prob sum of each completion (count,), probability sum, KL sum)`` of some tokens, ``(count + 2,)``."""
+    sums = logps.new_zeros(count).index_add(0, sequence, logps)
+    return torch.cat([sums, logps.exp().sum()[None], kl.to(logps.dtype)[None]])
+
+
+def _statistics(sums: torch.Tensor, sequence: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The :data:`STATS` sums of one micro-batch, ``(len(STATS),)``, from its :func:`_sequence_sums`."""
     rewards, advantages = batch["rewards"].float(), batch["advantages"].float()
-    logps = policy.detach()
-    counts = torch.zeros_like(advantages).index_add(0, sequence, torch.ones_like(logps))
-    means = torch.zeros_like(advantages).index_add(0, sequence, logps) / counts.clamp(min=1)
+    count = advantages.numel()
+    logp_sums, prob_sum, kl = sums[:count].float(), sums[count], sums[count + 1]
+    means = logp_sums / torch.bincount(sequence, minlength=count).clamp(min=1)
     positive, negative = advantages > 0, advantages < 0
-    kl = out.kl.sum() if out.kl is not None else logps.new_zeros(())
     values = [
         float(rewards.numel()),
         rewards.sum(),
@@ -112,12 +185,12 @@ def _statistics(out: GpoLoss, policy: torch.Tensor, sequence: torch.Tensor, batc
         means[positive].sum(),
         negative.sum(),
         means[negative].sum(),
-        float(logps.numel()),
-        logps.exp().sum(),
-        logps.sum(),
+        float(sequence.numel()),
+        prob_sum,
+        logp_sums.sum(),
         kl,
     ]
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=logps.device) for v in values])
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=sums.device) for v in values])
 
 
 def _metrics(sums: dict[str, float], kl: bool) -> dict[str, float]:
@@ -161,8 +234,8 @@ class GpoTrainer(StepNormalisedTrainer):
         self.share_prompt = share_prompt
         self.zero_advantage_fraction = zero_advantage_fraction
         """Per mode, the fraction of the split's groups skipped for equal rewards (logged with every log)."""
-        if reference is not None and reference.model is not None:
-            move_to_device(reference.model, self.args.device)
+        if reference is not None:
+            reference.prepare(self.accelerator)  # on the training device, or sharded like the policy (ZeRO-3/FSDP)
         self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def step_counts(self, batch: Mapping[str, Any]) -> Sequence[float]:
@@ -185,21 +258,26 @@ class GpoTrainer(StepNormalisedTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        """Policy (and reference) token log-probs, the GPO loss, and this micro-batch's share of the step's loss."""
-        policy, sequence = token_logps(model, inputs)
+        """Reference token log-probs, then this micro-batch's share of the step's loss (:func:`policy_loss`)."""
         reference = reference_token_logps(self.reference, model, inputs) if self.reference is not None else None
         # HF's prediction_step passes the counts too; evaluation is per batch and unscaled.
         training = model.training and isinstance(num_items_in_batch, GroupCounts)
         counts = num_items_in_batch if training else batch_counts(inputs)
-        out = self.loss_fn(policy, reference, inputs["advantages"], sequence, inputs["group_sizes"], counts)
-        loss = self.scale_for_ranks(out.loss, training=training)
-        sums = _statistics(out, policy, sequence, inputs)
+        total, sums = policy_loss(model, inputs, reference, self.loss_fn, counts, chunked=not self._head_sharded())
+        loss = self.scale_for_ranks(total, training=training)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         mode = "train" if model.training else "eval"
         for key, value in zip(STATS, sums.tolist(), strict=True):
             self._sums[mode][key] += value
         return (loss, {}) if return_outputs else loss
+
+    def _head_sharded(self) -> bool:
+        """ZeRO-3 or FSDP: the head's weight is a shard outside the module's forward."""
+        if self.is_fsdp_enabled:
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     def logged_metrics(self, mode: str) -> dict[str, float]:
         """The GPO metrics gathered since the last log."""
@@ -218,7 +296,8 @@ def _reference(
     if kind is None:
         return None, splits
     if kind is not ReferenceKind.precomputed:
-        return FrozenModel(load_frozen_copy(cfg.model, tokenizer) if kind is ReferenceKind.copy else None), splits
+        copy = load_frozen_copy(cfg.model, tokenizer, sharded=True) if kind is ReferenceKind.copy else None
+        return FrozenModel(copy), splits
     frozen = load_frozen_copy(cfg.model, tokenizer)
     method = cfg.method
     assert isinstance(method, GpoConfig)
@@ -254,7 +333,9 @@ def build_trainer(
     args = training_args(
         cfg, ctx, evaluation=evaluation is not None, remove_unused_columns=False, prediction_loss_only=True
     )
-    with args.main_process_first(desc="reference log-probs"):
+    # Rank 0 precomputes first and the others read its cache; a (ZeRO-3 sharded) copy loads on all ranks together.
+    precompute = kind is ReferenceKind.precomputed
+    with args.main_process_first(desc="reference log-probs") if precompute else nullcontext():
         reference, (train, evaluation) = _reference(cfg, tokenizer, kind, [train, evaluation])
     assert train is not None
     loss_fn = partial(gpo_loss, loss_type=method.loss_type, aggregation=method.aggregation, kl_beta=method.kl_beta)

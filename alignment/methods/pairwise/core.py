@@ -321,26 +321,19 @@ def sequence_logps(
 ) -> PairLogps:
     """One forward over the packed row; per-sequence summed completion log-probs and token counts.
 
-    With a ``token_shaper`` the sums of its reshaped token log-probs come too, as :attr:`PairLogps.shaped`.
+    Only completion positions go through the output head, a chunk of tokens at a time
+    (:func:`~alignment.training.packed.counted_token_logps`); prompt positions never do. With a ``token_shaper``
+    the sums of its reshaped token log-probs come too, as :attr:`PairLogps.shaped`.
     """
     import torch
 
-    from alignment.training.packed import attention_kwargs, sum_per_sequence
+    from alignment.training.packed import attention_kwargs, counted_token_logps, sum_per_sequence
 
-    input_ids, labels = batch["input_ids"], batch["labels"]
     position_ids, sequence_ids = batch["position_ids"], batch["sequence_ids"]
-    outputs = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        use_cache=False,
-        **attention_kwargs(model, position_ids, sequence_ids),
-    )
-    logits = outputs.logits[0, :-1].float()
-    targets = labels[0, 1:]
+    counted, predicting = counted_token_logps(model, batch, attention_kwargs(model, position_ids, sequence_ids))
+    targets = batch["labels"][0, 1:]
     mask = targets != IGNORE_INDEX
-    safe_targets = targets.clamp(min=0)
-    token_logps = logits.gather(-1, safe_targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    token_logps = token_logps * mask
+    token_logps = counted.new_zeros(targets.shape).index_copy(0, predicting, counted)  # zero outside completions
     owner = sequence_ids[0, 1:]
     count = int(sequence_ids.max()) + 1
     sums = sum_per_sequence(token_logps, owner, count)
@@ -467,7 +460,8 @@ def run_pairwise(
         del frozen
         reference = FrozenModel(None)
     elif kind is not None:
-        reference = FrozenModel(load_frozen_copy(cfg.model, tokenizer) if kind is ReferenceKind.copy else None)
+        copy = load_frozen_copy(cfg.model, tokenizer, sharded=True) if kind is ReferenceKind.copy else None
+        reference = FrozenModel(copy)
 
     trainer = PairwiseTrainer(
         model=model,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +19,8 @@ from alignment.methods.pairwise.core import (
     sequence_logps,
     total_loss,
 )
-from alignment.models.frozen import FrozenModel, move_to_device
+from alignment.models.frozen import FrozenModel
+from alignment.training.metrics import MetricSums
 from alignment.training.trainer import StepNormalisedTrainer
 
 
@@ -40,10 +40,9 @@ class PairwiseTrainer(StepNormalisedTrainer):
         self.reference = reference
         self.token_shaper = token_shaper
         """Reshapes the policy's token log-probs into ``PairLogps.shaped`` (never the reference's)."""
-        if reference is not None and reference.model is not None:
-            # The Trainer places only the policy; a frozen copy left on the CPU would meet GPU batches.
-            move_to_device(reference.model, self.args.device)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if reference is not None:
+            reference.prepare(self.accelerator)  # on the training device, or sharded like the policy (ZeRO-3/FSDP)
+        self._metrics = MetricSums()
 
     def step_counts(self, batch: Mapping[str, Any]) -> Sequence[float]:
         """Pairs, chosen and rejected completion tokens of one micro-batch."""
@@ -80,24 +79,24 @@ class PairwiseTrainer(StepNormalisedTrainer):
         return (loss, {}) if return_outputs else loss
 
     def _record(self, out: PreferenceLoss, policy: PairLogps, mode: str) -> None:
+        """Add this micro-batch's sums and pair count to the metrics of ``mode`` (no collective here)."""
         margins = out.chosen_reward - out.rejected_reward
         per_pair = {
             "rewards/chosen": out.chosen_reward,
             "rewards/rejected": out.rejected_reward,
             "rewards/accuracies": (margins > 0).float(),
             "rewards/margins": margins,
-            "logps/chosen": policy.chosen.detach(),
-            "logps/rejected": policy.rejected.detach(),
+            "logps/chosen": policy.chosen,
+            "logps/rejected": policy.rejected,
         }
-        for key, value in per_pair.items():
-            # Per-pair values, not per-rank means: gather_for_metrics drops the samples an uneven last batch
-            # repeats, which only makes sense for a tensor with one entry per sample.
-            self._metrics[mode][key].append(float(self.accelerator.gather_for_metrics(value.detach()).float().mean()))
+        pairs = self.metric_items(len(margins), training=mode == "train")
+        sums = torch.stack([value.detach()[:pairs].float().sum() for value in per_pair.values()]).tolist()
+        for key, total in zip(per_pair, sums, strict=True):
+            self._metrics.add(mode, key, total, pairs)
         for key, scalar in out.metrics.items():
-            self._metrics[mode][key].append(scalar)
+            # A micro-batch's scalar (a mean over its pairs or tokens) weighs by its pairs.
+            self._metrics.add(mode, key, scalar * pairs, pairs)
 
     def logged_metrics(self, mode: str) -> dict[str, float]:
-        """The means of the preference metrics gathered since the last log."""
-        means = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        self._metrics[mode].clear()
-        return means
+        """The preference metrics since the last log, over every rank's pairs (a collective: every rank logs)."""
+        return self._metrics.pop(mode)

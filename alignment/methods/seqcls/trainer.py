@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from alignment.models.seqcls import sequence_scores
+from alignment.training.metrics import gather_from_ranks
 from alignment.training.trainer import StepNormalisedTrainer
 
 
@@ -81,18 +82,20 @@ class SequenceScoreTrainer(StepNormalisedTrainer):
         loss = self.scale_for_ranks(loss, training=training)
         mode = "train" if model.training else "eval"
         for key, value in record.items():
-            # gather_for_metrics drops the samples an uneven last eval batch repeats.
-            self._records[mode][key].append(self.accelerator.gather_for_metrics(value.detach()).cpu())
+            # Kept on this rank (ranks may hold different numbers of items); gathered once per log.
+            items = self.metric_items(len(value), training=model.training)
+            self._records[mode][key].append(value.detach()[:items].cpu())
         return (loss, {}) if return_outputs else loss
 
     def logged_metrics(self, mode: str) -> dict[str, float]:
-        """The objective's summary of what was recorded since the last log."""
-        recorded = self._records[mode]
-        summary: dict[str, float] = {}
-        if recorded and all(recorded.values()):
-            records = {key: torch.cat(values) for key, values in recorded.items()}
-            summary = self.objective.summarize(
-                records, mode=mode, step=self.state.global_step, main_process=self.is_world_process_zero()
-            )
-        recorded.clear()
-        return summary
+        """The objective's summary of every rank's items since the last log (a collective: every rank logs)."""
+        local = {key: torch.cat(values) for key, values in self._records[mode].items() if values}
+        self._records[mode].clear()
+        per_rank = gather_from_ranks(local)
+        keys = sorted({key for records in per_rank for key in records})
+        if not keys:
+            return {}
+        records = {key: torch.cat([r[key] for r in per_rank if key in r]) for key in keys}
+        return self.objective.summarize(
+            records, mode=mode, step=self.state.global_step, main_process=self.is_world_process_zero()
+        )

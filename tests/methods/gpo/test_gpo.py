@@ -437,6 +437,75 @@ def test_shared_prompt_is_rejected_with_flash_attention(tiny_random_path: str, t
         token_logps(model, GroupCollator(share_prompt=True)(rows))
 
 
+WINDOW = GroupCounts(6.0, 90.0)  # a step larger than the micro-batch, as with accumulation
+
+
+def _dense_row_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward before segments: one (T, T) mask over the whole row; log-probs and their completion index."""
+    from alignment.training.packed import counted_token_logps, mask_kwargs
+
+    segments, groups = batch["segment_ids"][0], batch["group_ids"][0]
+    visible = (segments[None, :] < 0) | (segments[:, None] == segments[None, :])
+    mask = mask_kwargs(model, ((groups[:, None] == groups[None, :]) & visible).tril()[None, None])
+    logps, predicting = counted_token_logps(model, batch, mask)
+    return logps, segments[1:][predicting]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_policy_loss_equals_the_dense_row_loss_in_value_gradient_and_metrics(
+    tiny_random_path: str, tokenizer: Any, share: bool
+) -> None:
+    """Segment-by-segment sdpa + the head a chunk at a time (and the sharded-head fallback) ≡ dense mask + gpo_loss."""
+    from functools import partial
+
+    from alignment.methods.gpo.trainer import STATS, policy_loss
+
+    batch = GroupCollator(share_prompt=share)(list(_tokenize(GROUPS, tokenizer)[0]))
+    model = tiny_model(tiny_random_path).train()
+    settings = {"loss_type": GpoLossType.prob_weighted, "aggregation": TokenAggregation.sequence_mean}
+    loss_fn = partial(gpo_loss, kl_beta=0.1, **settings)
+    with torch.no_grad():
+        reference = _dense_row_logps(model, batch)[0] + 0.25
+    logps, sequence = _dense_row_logps(model, batch)
+    expected = loss_fn(logps, reference, batch["advantages"], sequence, batch["group_sizes"], WINDOW)
+    expected.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == len(list(model.parameters()))
+    logps = logps.detach()
+    means = torch.zeros(11).index_add(0, sequence, logps) / torch.bincount(sequence).float()
+    for chunked in (True, False):  # chunks of 5 tokens: completions span several, a chunk holds several
+        model.zero_grad()
+        loss, stats = policy_loss(model, batch, reference, loss_fn, WINDOW, chunked=chunked, chunk_size=5)
+        loss.backward()
+        torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-7)
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-8, msg=name)
+        sums = dict(zip(STATS, stats.tolist(), strict=True))
+        assert (sums["tokens"], sums["sequences"]) == (logps.numel(), 11)
+        assert sums["logp_sum"] == pytest.approx(float(logps.sum()), rel=1e-5)
+        assert sums["prob_sum"] == pytest.approx(float(logps.exp().sum()), rel=1e-5)
+        assert sums["kl_sum"] == pytest.approx(float(expected.kl.sum()), rel=1e-5)  # type: ignore[union-attr]
+        assert sums["positive_logp"] == pytest.approx(float(means[batch["advantages"] > 0].sum()), rel=1e-5)
+
+
+def test_a_model_that_drops_the_segment_keyword_is_refused(tiny_random_path: str, tokenizer: Any) -> None:
+    """Without the keyword the row would be attended as one sequence: refused after the forward, never trained on."""
+    from alignment.methods.gpo.attention import KEY
+
+    class Dropping(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.module = inner
+
+        def forward(self, **kwargs: Any) -> Any:
+            kwargs.pop(KEY)
+            return self.module(**kwargs)
+
+    batch = GroupCollator()(list(_tokenize(GROUPS[:2], tokenizer)[0]))
+    with pytest.raises(RuntimeError, match="did not pass the forward keyword 'packed_segments'"):
+        token_logps(Dropping(tiny_model(tiny_random_path)), batch)
+
+
 # --- the trainer ------------------------------------------------------------------------------------------------
 
 
