@@ -24,7 +24,9 @@ still has its ratios:
 Ours run through the project's own path: a config composed from ``conf/`` with overrides (``model.name_or_path``
 the saved initial model, ``data.sources`` the rows, batch 4, max length 2048, one epoch, lr 1e-5, no evaluation or
 checkpoints), then ``METHODS[name].run``. Everything else is the project's default, Liger included (``model.liger:
-auto``: on where CUDA, the liger-kernel package and a Llama kernel are present). The GPO groups have the pairs'
+auto``: on where CUDA, the liger-kernel package and a Llama kernel are present), flash-attention 2 where flash-attn
+runs (``model.attn_implementation: auto``; sdpa for GPO's shared prompts) and padding-free SFT batches (plain TRL
+keeps its own defaults: sdpa, padded). The GPO groups have the pairs'
 lengths: ``--groups`` prompts of 64-512 words with ``--group-size`` completions of 64-700 words and random rewards.
 
 Columns:

@@ -12,7 +12,9 @@ assistant turns), packed best-fit-decreasing into ``--max-length``-token padding
   counted positions only, a few thousand tokens' logits at a time, gradients taken in forward;
 * ``ours_run``: ``alignment.methods.sft.run``, the whole method (row validation, tokenisation, our callbacks and
   metrics file, the final save) on a composed config. ``ours_run`` over ``ours_trainer`` is the framework's
-  overhead on identical training work; over ``trl`` it is what a user sees against plain TRL.
+  overhead on identical training work; over ``trl`` it is what a user sees against plain TRL;
+* ``ours_run_block_mask``: ``ours_run`` with padding-free rows attended through HF's ``T x T`` block mask (what
+  TRL and our SFT did before the rows were attended conversation by conversation under sdpa).
 
 Each variant runs in its own process. Reported: real tokens/s (tokens of the packed rows over the trainer's
 ``train_runtime``), the real-token fraction of the tokens the model processed, peak RSS, the extra peak during
@@ -20,8 +22,14 @@ training (peak minus RSS just before ``train()``: the loss path's memory on a mo
 which must agree across variants (the same work). ``--repeats`` runs each variant that many times and keeps the
 fastest (the machine is shared).
 
+``--layout`` picks the batches: ``packed`` (the above), ``padding_free`` (``--batch-size`` conversations per
+micro-batch concatenated into one row; ours attends each conversation on its own under sdpa, TRL through a
+block mask over the row) or ``padded`` (``--batch-size`` conversations padded to the longest).
+
 Usage:
     python bench/sft_bench.py                          # tiny random Llama (vocabulary 49,152), 2,048-token rows
+    python bench/sft_bench.py --layout padded --batch-size 8 --variants trl,ours_run
+    python bench/sft_bench.py --model smollm2_135m --layout padding_free --batch-size 8 --variants ours_run
     python bench/sft_bench.py --variants trl,ours_run --repeats 3
 """
 
@@ -39,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("trl", "trl_full_logits", "ours_trainer", "ours_run")
+VARIANTS = ("trl", "trl_full_logits", "ours_trainer", "ours_run", "ours_run_block_mask")
+LAYOUTS = ("packed", "padding_free", "padded")
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
 WORDS += ("lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau")
 
@@ -97,14 +106,15 @@ def _config(args: argparse.Namespace, data: Path) -> Any:
 
     register_configs()
     overrides = [
-        "model=tiny_random",
+        f"model={args.model}",
         "method=sft",
         "logger=none",
         f"data.sources=[{{path: '{data}'}}]",
         "data.eval_fraction=0",
         f"method.per_device_train_batch_size={args.batch_size}",
         f"method.max_length={args.max_length}",
-        "method.packing=true",
+        f"method.packing={str(args.layout == 'packed').lower()}",
+        f"method.padding_free={str(args.layout == 'padding_free').lower()}",
         "method.num_train_epochs=1",
         "method.save_strategy=no",
         "method.eval_strategy=no",
@@ -149,7 +159,13 @@ def _train_trainer(cfg: Any, workdir: Path, variant: str) -> tuple[_Timed, dict[
     model = load_model(cfg.model, tokenizer)
     ctx = RunContext(workdir, "bench", None)
     args = training_args(
-        cfg, ctx, evaluation=False, args_class=SFTConfig, max_length=method.max_length, packing=True, padding_free=False
+        cfg,
+        ctx,
+        evaluation=False,
+        args_class=SFTConfig,
+        max_length=method.max_length if method.packing else None,  # as sft.run passes it
+        packing=method.packing,
+        padding_free=method.padding_free,
     )
     trainer_class = {"trl": SFTTrainer, "trl_full_logits": _full_logits_class(), "ours_trainer": ChunkedSFTTrainer}
     timed = _Timed(trainer_class[variant](model=model, args=args, train_dataset=train, processing_class=tokenizer))
@@ -182,7 +198,11 @@ def run_one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(args, Path(args.data))
-        if args.one == "ours_run":
+        if args.one == "ours_run_block_mask":  # padding-free rows through HF's T x T block mask, as TRL's
+            import alignment.methods.sft_trainer as sft_trainer
+
+            sft_trainer.padding_free_attention = lambda model, inputs: {}  # type: ignore[assignment]
+        if args.one.startswith("ours_run"):
             timed, metrics = _train_run(cfg, Path(tmp))
         else:
             timed, metrics = _train_trainer(cfg, Path(tmp), args.one)
@@ -207,7 +227,8 @@ def run_one(args: argparse.Namespace) -> None:
 
 def _measure(args: argparse.Namespace, variant: str, data: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", variant, "--data", str(data), "--threads", str(args.threads)]
-    cmd += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+    cmd += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--layout", args.layout]
+    cmd += ["--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -238,7 +259,14 @@ def main() -> None:
     """Run every variant in a subprocess (``--repeats`` times, least CPU time kept) and print the table and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=1, help="packed rows per micro-batch")
+    parser.add_argument("--model", default="tiny_random", help="a conf/model option, e.g. smollm2_135m")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows (packed) or conversations per micro-batch")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="packed",
+        help="packed rows (default), padding-free micro-batches of --batch-size conversations, or padded ones",
+    )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1)
@@ -261,8 +289,8 @@ def main() -> None:
                     results[variant] = result
     first = next((r for r in results.values() if "error" not in r), {})
     print(
-        f"\ntiny random Llama (vocab 49,152) on cpu, {args.threads} torch thread(s); {args.conversations} "
-        f"conversations packed into {first.get('rows', '?')} rows of <= {args.max_length} tokens, "
+        f"\nmodel={args.model} on cpu, {args.threads} torch thread(s); {args.conversations} "
+        f"conversations, layout {args.layout} ({first.get('rows', '?')} rows of <= {args.max_length} tokens), "
         f"{args.batch_size} row(s)/step, one epoch; least CPU time of {args.repeats}"
     )
     print(f"{'variant':<16}" + "".join(f"{name:>11}" for name in COLUMNS))

@@ -94,8 +94,9 @@ class SftConfig(ConversationConfig):
     """Tokens per sequence; longer conversations are cut at the end (counted and reported)."""
     packing: bool = False
     """Pack several conversations into each ``max_length`` row (best-fit decreasing, padding-free)."""
-    padding_free: bool = False
-    """Concatenate each micro-batch into one row with position ids instead of padding."""
+    padding_free: bool = True
+    """Concatenate each micro-batch into one row with position ids instead of padding: no padding token is
+    computed; each conversation is attended on its own (flash-attention varlen, or one sdpa call each)."""
 
 
 def row_problems(row: Mapping[str, Any], *, roles: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ logits back (``return_outputs``) go to TRL's own ``compute_loss``; SFT's config 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -37,10 +38,13 @@ from alignment.training.chunked import (
     OutputHead,
     chunked_head_loss,
     final_hidden_states,
+    head_is_sharded,
     module_head_loss,
     output_head,
     unwrap_causal_lm,
 )
+from alignment.training.packed import attention_implementation
+from alignment.training.segments import check_used, segment_kwargs, sequence_layout
 
 IGNORE_INDEX = -100
 
@@ -75,6 +79,21 @@ def _liger_loss(hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor) -
     return out.loss, (out.token_accuracy * targets.numel()).detach()
 
 
+def padding_free_attention(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Under sdpa, a padding-free row (TRL's collator sets ``cu_seq_lens_q``) attended sequence by sequence.
+
+    Without it HF builds a ``T x T`` block mask from the position ids and sdpa computes every masked block; with it
+    each conversation is one causal sdpa call on its own slice (:mod:`alignment.training.segments`). Padded batches
+    and other implementations (flash-attention reads ``cu_seq_lens`` itself) are left as they are.
+    """
+    bounds = inputs.get("cu_seq_lens_q")
+    if bounds is None or attention_implementation(model) != "sdpa" or inputs["input_ids"].size(0) != 1:
+        return {}
+    edges = bounds.tolist()
+    layout = sequence_layout([(a, b) for a, b in itertools.pairwise(edges) if b > a])
+    return segment_kwargs(layout, inputs["input_ids"].device)
+
+
 class ChunkedSFTTrainer(SFTTrainer):  # type: ignore[misc]
     """TRL's ``SFTTrainer`` whose NLL never holds the logits of all positions (module docstring)."""
 
@@ -87,12 +106,6 @@ class ChunkedSFTTrainer(SFTTrainer):  # type: ignore[misc]
             or self.args.loss_type != "nll"
         )
 
-    def _sharded(self) -> bool:
-        if self.is_fsdp_enabled:
-            return True
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
-
     def head_loss(
         self, model: Any, hidden: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -101,7 +114,7 @@ class ChunkedSFTTrainer(SFTTrainer):  # type: ignore[misc]
         if hidden.size(0) == 0:  # keeps the graph (DDP) and gives a zero gradient
             zero = hidden.sum() * 0.0
             return zero, zero.detach(), zero.detach()
-        if self._sharded():
+        if head_is_sharded(model):
             vocab = int(getattr(head.weight, "ds_shape", head.weight.shape)[0])  # ZeRO-3 keeps the full shape there
             total, sums = module_head_loss(hidden, module, head, nll_objective(targets), vocab)
         elif is_patched(unwrap_causal_lm(model)) and head.lora_a is None and head.logit_scale == 1.0:
@@ -124,7 +137,9 @@ class ChunkedSFTTrainer(SFTTrainer):  # type: ignore[misc]
         labels = inputs["labels"]
         counted = labels[:, 1:] != IGNORE_INDEX
         forward = {key: value for key, value in inputs.items() if key not in ("labels", "use_cache")}
+        forward.update(padding_free_attention(model, inputs))
         hidden = final_hidden_states(model, **forward)[:, :-1][counted]
+        check_used(forward, model)
         total, correct, entropy = self.head_loss(model, hidden, labels[:, 1:][counted])
         tokens = counted.sum() if num_items_in_batch is None else num_items_in_batch
         loss = total / torch.as_tensor(tokens).clamp(min=1)

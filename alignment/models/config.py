@@ -22,6 +22,9 @@ class Dtype(StrEnum):
 class AttnImplementation(StrEnum):
     """Attention kernel passed to ``from_pretrained``."""
 
+    auto = "auto"
+    """``flash_attention_2`` where it can run (CUDA of compute capability 8.0+, a bf16/fp16 model, an importable
+    ``flash-attn``, an architecture transformers supports it for), ``sdpa`` everywhere else."""
     sdpa = "sdpa"
     eager = "eager"
     flash_attention_2 = "flash_attention_2"
@@ -128,8 +131,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to pin."""
     dtype: Dtype = Dtype.auto
     """``auto``: bf16 on a GPU that supports it, fp32 otherwise (CPUs here have no native bf16)."""
-    attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    """Attention kernel; ``flash_attention_2`` needs the flash-attn package and a GPU."""
+    attn_implementation: AttnImplementation = AttnImplementation.auto
+    """Attention kernel: ``auto`` (flash-attention 2 where it can run, else sdpa), ``sdpa``, ``eager`` or
+    ``flash_attention_2`` (needs the flash-attn package and a GPU)."""
     liger: str = Liger.auto
     """Liger kernels patched on the loaded model: ``auto``, ``true`` or ``false`` (:class:`Liger`). A string field
     because OmegaConf refuses booleans for an Enum field, and ``model.liger=true`` parses as one."""

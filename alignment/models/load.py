@@ -14,7 +14,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.models import embedded
-from alignment.models.config import Dtype, LoraConfig, ModelConfig, QuantizationConfig
+from alignment.models.config import AttnImplementation, Dtype, LoraConfig, ModelConfig, QuantizationConfig
 from alignment.models.liger import liger_patch
 from alignment.models.sharded import measured_load, parameter_numel, sharded_creation
 
@@ -32,6 +32,46 @@ def resolve_dtype(dtype: Dtype) -> torch.dtype:
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
     return _TORCH_DTYPES[dtype]
+
+
+def flash_attention_runs(dtype: torch.dtype) -> bool:
+    """Whether flash-attention 2 can run here for a model in ``dtype``: CUDA 8.0+, bf16/fp16, flash-attn imports."""
+    from transformers.utils.import_utils import is_flash_attn_2_available
+
+    if dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
+        return False
+    capable = all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
+    return capable and bool(is_flash_attn_2_available())
+
+
+def resolve_attention(cfg: ModelConfig) -> str:
+    """The ``attn_implementation`` for ``from_pretrained``; ``auto`` is flash-attention 2 where it runs, else sdpa."""
+    if cfg.attn_implementation is not AttnImplementation.auto:
+        return cfg.attn_implementation.value
+    return "flash_attention_2" if flash_attention_runs(resolve_dtype(cfg.dtype)) else "sdpa"
+
+
+def from_pretrained(model_class: Any, cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
+    """``model_class.from_pretrained`` with the config's source, dtype, attention and remote-code switch.
+
+    Under ``attn_implementation=auto`` an architecture that transformers has no flash-attention 2 for is refused in
+    the model's constructor, before any weights load; it then loads with sdpa (logged).
+    """
+    attention = resolve_attention(cfg)
+    common = {
+        "revision": cfg.revision,
+        "dtype": resolve_dtype(cfg.dtype),
+        "trust_remote_code": cfg.trust_remote_code,
+        **kwargs,
+    }
+    source = embedded.resolve(cfg.name_or_path)
+    try:
+        return model_class.from_pretrained(source, attn_implementation=attention, **common)  # type: ignore[no-any-return]
+    except (ValueError, ImportError) as error:
+        if cfg.attn_implementation is not AttnImplementation.auto or attention != "flash_attention_2":
+            raise
+        log.warning("model.attn_implementation=auto: flash_attention_2 refused (%s); loading with sdpa", error)
+        return model_class.from_pretrained(source, attn_implementation="sdpa", **common)  # type: ignore[no-any-return]
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -176,14 +216,7 @@ def load_model(
         )
     patch_kernels = liger_patch(cfg)  # model.liger=true that cannot run here fails before any weights load
     with sharded_creation(sharded), measured_load("frozen" if frozen else "policy", sharded=sharded) as load:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            embedded.resolve(cfg.name_or_path),
-            revision=cfg.revision,
-            dtype=resolve_dtype(cfg.dtype),
-            attn_implementation=cfg.attn_implementation.value,
-            trust_remote_code=cfg.trust_remote_code,
-            **quantization_kwargs(cfg.quantization),
-        )
+        model = from_pretrained(AutoModelForCausalLM, cfg, **quantization_kwargs(cfg.quantization))
         load.model = model
     patch_kernels(model)
     _sync_special_tokens(model, tokenizer, cfg)

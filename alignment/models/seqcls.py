@@ -274,14 +274,13 @@ def load_model_for_classification(
 
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.models import embedded
     from alignment.models.config import LoraTaskType
     from alignment.models.load import (
         apply_lora,
         embedding_rows,
+        from_pretrained,
         print_parameter_table,
         quantization_kwargs,
-        resolve_dtype,
         unfreeze_by_patterns,
     )
     from alignment.models.sharded import measured_load, sharded_creation
@@ -293,12 +292,9 @@ def load_model_for_classification(
         )
     # Created under the run's sharding (ZeRO-3 zero.Init, FSDP2 rank-0 loading), like load_model's.
     with sharded_creation(True), measured_load("classifier", sharded=True) as load:
-        model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
-            embedded.resolve(cfg.name_or_path),
-            revision=cfg.revision,
-            dtype=resolve_dtype(cfg.dtype),
-            attn_implementation=cfg.attn_implementation.value,
-            trust_remote_code=cfg.trust_remote_code,
+        model = from_pretrained(
+            AutoModelForSequenceClassification,
+            cfg,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},

@@ -2,7 +2,8 @@
 
 Several sequences are concatenated into one row with restarting ``position_ids``; a second id row says which
 sequence each token belongs to. Attention must stay inside each sequence: flash-attention gets varlen boundaries
-(``cu_seq_lens``), every other implementation a 4-D mask (boolean for sdpa, additive float for eager). Log-probs
+(``cu_seq_lens``), sdpa runs sequence by sequence (:mod:`alignment.training.segments`, ``Σ L²`` instead of ``T²``),
+every other implementation gets an additive 4-D mask. Log-probs
 are taken from the final hidden states of the positions that predict a counted (non-ignored) label, through the
 output head a chunk at a time (:mod:`alignment.training.chunked`), and summed per sequence.
 """
@@ -16,6 +17,7 @@ import torch
 
 from alignment.data.chat_template import IGNORE_INDEX
 from alignment.training.chunked import final_hidden_states, head_token_logps
+from alignment.training.segments import check_used, segment_kwargs, sequence_layout, spans_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -42,7 +44,10 @@ def mask_kwargs(model: Any, allowed: torch.Tensor) -> dict[str, Any]:
 
 
 def attention_kwargs(model: Any, position_ids: torch.Tensor, sequence_ids: torch.Tensor) -> dict[str, Any]:
-    """Keep attention inside each packed sequence: varlen boundaries for flash-attention, a 4-D mask otherwise.
+    """Keep attention inside each packed sequence.
+
+    Varlen boundaries for flash-attention, one sdpa call per sequence for sdpa
+    (:func:`~alignment.training.segments.segment_kwargs`), an additive 4-D mask otherwise.
 
     Args:
         model: the (possibly wrapped) model the row goes through.
@@ -60,6 +65,8 @@ def attention_kwargs(model: Any, position_ids: torch.Tensor, sequence_ids: torch
             "max_length_k": longest,
         }
     seq = sequence_ids[0]
+    if attention_implementation(model) == "sdpa":
+        return segment_kwargs(sequence_layout(spans_of(seq)), seq.device)
     return mask_kwargs(model, (seq[:, None] == seq[None, :]).tril()[None, None])
 
 
@@ -76,6 +83,7 @@ def counted_token_logps(
     targets = batch["labels"][0, 1:]
     predicting = (targets != IGNORE_INDEX).nonzero().flatten()
     hidden = final_hidden_states(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention)
+    check_used(dict(attention), model)
     return head_token_logps(model, hidden[0, predicting], targets[predicting]), predicting
 
 

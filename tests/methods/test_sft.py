@@ -235,8 +235,9 @@ def test_run_lora_trains_only_adapters(compose: Any, tmp_path: Path, loaded: Loa
     assert not (out / "model" / "model.safetensors").exists()
 
 
-def test_train_loss_is_finite_with_packing_and_padding_free(compose: Any, tmp_path: Path) -> None:
-    for flag in ("method.packing=true", "method.padding_free=true"):
+def test_train_loss_is_finite_with_packing_and_padded_batches(compose: Any, tmp_path: Path) -> None:
+    """The default (padding-free) runs everywhere else in this file; packing and padded batches run here."""
+    for flag in ("method.packing=true", "method.padding_free=false"):
         out = tmp_path / flag.split(".")[1].split("=")[0]
         overrides = [*TINY, flag, "method.max_steps=2", "method.eval_on_start=false", "method.max_length=256"]
         metrics = _run(compose, out, overrides)
@@ -304,7 +305,7 @@ def test_grad_accumulation_1x4_equals_4x1(
     assert any(not torch.equal(whole["params"][n], initial[n]) for n in initial)  # the step did move them
 
 
-@pytest.mark.parametrize("flag", ["method.packing=true", "method.padding_free=true"])
+@pytest.mark.parametrize("flag", ["method.packing=true", "method.padding_free=true"])  # the latter is the default
 def test_packing_and_padding_free_keep_every_loss_token(
     compose: Any,
     tmp_path: Path,
@@ -319,7 +320,8 @@ def test_packing_and_padding_free_keep_every_loss_token(
     Same loss-token count (no label lost at sequence boundaries), same loss and same update (attention does
     not cross sequence boundaries, thanks to per-sequence position ids).
     """
-    padded = _one_step(compose, tmp_path / "padded", rows_file, loaded, ["method.per_device_train_batch_size=4"])
+    padded_batch = ["method.per_device_train_batch_size=4", "method.padding_free=false"]
+    padded = _one_step(compose, tmp_path / "padded", rows_file, loaded, padded_batch)
     packed = _one_step(compose, tmp_path / "packed", rows_file, loaded, ["method.per_device_train_batch_size=4", flag])
     assert loss_token_counts == [_expected_loss_tokens(smollm2_tokenizer)] * 2
     assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)

@@ -94,6 +94,8 @@ def test_loss_gradients_and_token_metrics_equal_trl(
 ) -> None:
     """fp32: the chunked loss and every gradient equal TRL's to 1e-5, the token metrics to float rounding.
 
+    Padding-free and packed rows go through sdpa one conversation at a time (TRL's through one block mask).
+
     Only the counted positions (51 labels: 39 of the conversations, 12 greedy) reach the output head.
     """
     from trl import SFTTrainer
@@ -105,12 +107,25 @@ def test_loss_gradients_and_token_metrics_equal_trl(
         projected.append(hidden.size(0))
         return real(hidden, *args, **kwargs)
 
+    layouts: list[Any] = []
+    real_segments = sft_trainer.segment_kwargs
+
+    def segments_spy(layout: Any, device: torch.device) -> Any:
+        layouts.append(layout)
+        return real_segments(layout, device)
+
     monkeypatch.setattr(sft_trainer, "chunked_head_loss", spy)
+    monkeypatch.setattr(sft_trainer, "segment_kwargs", segments_spy)
     flags = LAYOUTS[layout]
     theirs = _step(SFTTrainer, tiny_random_path, rows, smollm2_tokenizer, tmp_path / "trl", flags)
     ours = _step(ChunkedSFTTrainer, tiny_random_path, rows, smollm2_tokenizer, tmp_path / "ours", flags)
     assert theirs.counted == ours.counted == 39 + GREEDY_TOKENS
     assert projected == [ours.counted]
+    if layout == "padded":
+        assert layouts == []
+    else:  # sdpa: each of the 5 conversations attended on its own slice, in every layer (TRL: a T x T block mask)
+        assert [len(x.spans) for x in layouts] == [len(rows)]
+        assert layouts[0].calls == tiny_model(tiny_random_path).config.num_hidden_layers
     assert ours.loss == pytest.approx(theirs.loss, abs=1e-5)
     assert ours.grads.keys() == theirs.grads.keys()
     assert len(ours.grads) == len(list(tiny_model(tiny_random_path).parameters()))

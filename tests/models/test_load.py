@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from alignment.models import load
-from alignment.models.config import Dtype, LoraConfig, ModelConfig, QuantizationConfig
+from alignment.models.config import AttnImplementation, Dtype, LoraConfig, ModelConfig, QuantizationConfig
 
 TINY = "embedded:tiny-random-llama"
 VOCAB = 49152
@@ -259,6 +259,64 @@ def test_an_explicit_dtype_is_used(tokenizer: PreTrainedTokenizerBase) -> None:
     assert load.resolve_dtype(Dtype.float16) == torch.float16
     model = load.load_model(ModelConfig(name_or_path=TINY, dtype=Dtype.bfloat16), tokenizer)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_attention_auto_is_sdpa_on_cpu_and_explicit_choices_pass_through(tokenizer: PreTrainedTokenizerBase) -> None:
+    assert ModelConfig(name_or_path=TINY).attn_implementation is AttnImplementation.auto  # the default
+    assert load.resolve_attention(ModelConfig(name_or_path=TINY)) == "sdpa"
+    for choice in AttnImplementation:
+        if choice is not AttnImplementation.auto:
+            assert load.resolve_attention(ModelConfig(name_or_path=TINY, attn_implementation=choice)) == choice.value
+    model = load.load_model(ModelConfig(name_or_path=TINY), tokenizer)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("cuda", "capability", "dtype", "flash", "expected"),
+    [
+        (False, (9, 0), torch.bfloat16, True, False),  # no CUDA
+        (True, (7, 5), torch.bfloat16, True, False),  # Turing: flash-attention 2 needs 8.0+
+        (True, (9, 0), torch.float32, True, False),  # fp32 models have no flash kernels
+        (True, (9, 0), torch.bfloat16, False, False),  # flash-attn not installed or not importable
+        (True, (8, 0), torch.float16, True, True),
+        (True, (9, 0), torch.bfloat16, True, True),
+    ],
+)
+def test_flash_attention_runs_only_where_every_condition_holds(
+    monkeypatch: pytest.MonkeyPatch,
+    cuda: bool,
+    capability: tuple[int, int],
+    dtype: torch.dtype,
+    flash: bool,
+    expected: bool,
+) -> None:
+    import transformers.utils.import_utils as import_utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability)
+    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda: flash)
+    assert load.flash_attention_runs(dtype) is expected
+
+
+def test_auto_attention_falls_back_to_sdpa_when_flash_attention_is_refused(
+    tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto`` picks flash where it runs; a refusal at construction (here: flash-attn absent) loads sdpa, logged.
+
+    An explicit ``flash_attention_2`` is not second-guessed: the same refusal is raised.
+    """
+    monkeypatch.setattr(load, "flash_attention_runs", lambda dtype: True)
+    spy = _Spy(AutoModelForCausalLM)
+    monkeypatch.setattr(load, "AutoModelForCausalLM", spy)
+    with caplog.at_level("WARNING", logger=load.__name__):
+        model = load.load_model(ModelConfig(name_or_path=TINY), tokenizer)
+    assert [k["attn_implementation"] for k in spy.kwargs] == ["flash_attention_2", "sdpa"]
+    assert model.config._attn_implementation == "sdpa"
+    assert "flash_attention_2 refused" in caplog.text
+    explicit = ModelConfig(name_or_path=TINY, attn_implementation=AttnImplementation.flash_attention_2)
+    with pytest.raises((ImportError, ValueError), match=r"(?i)flash"):
+        load.load_model(explicit, tokenizer)
 
 
 def test_parameter_groups_fold_layer_indices(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -21,6 +21,7 @@ from alignment.training.packed import (
     mask_kwargs,
     sum_per_sequence,
 )
+from alignment.training.segments import KEY
 from tests.methods.helpers import tiny_model
 
 SEQUENCE_IDS = torch.tensor([[0, 0, 1, 1, 1]])
@@ -55,14 +56,14 @@ def test_attention_implementation_is_read_through_a_wrapper() -> None:
 
 
 @pytest.mark.parametrize("through_wrapper", [False, True])
-def test_sdpa_gets_the_boolean_block_diagonal_causal_mask(through_wrapper: bool) -> None:
+def test_sdpa_attends_sequence_by_sequence(through_wrapper: bool) -> None:
+    """Sdpa gets the row's sequences as causal segments (no T x T mask) and a 4-D placeholder mask."""
     model = fake_model("sdpa")
     kwargs = attention_kwargs(wrapped(model) if through_wrapper else model, POSITION_IDS, SEQUENCE_IDS)
-    assert set(kwargs) == {"attention_mask"}
-    mask = kwargs["attention_mask"]
-    assert mask.dtype == torch.bool
-    assert mask.shape == (1, 1, 5, 5)
-    assert torch.equal(mask, ALLOWED)
+    assert set(kwargs) == {"attention_mask", KEY}
+    assert kwargs["attention_mask"].shape == (1, 1, 1, 1)
+    assert kwargs[KEY].spans == [(0, 2), (2, 5)]
+    assert kwargs[KEY].masks == [None, None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -197,3 +198,26 @@ def test_counted_token_logps_through_a_wrapper_and_with_gradient(tiny_random_pat
     assert grad is not None
     assert bool(torch.isfinite(grad).all())
     assert float(grad.abs().sum()) > 0
+
+
+def test_a_model_that_drops_the_segment_keyword_is_refused(tiny_random_path: str) -> None:
+    """Under sdpa the row would otherwise be attended as one unmasked sequence: refused after the forward."""
+
+    class Dropping(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs: Any) -> Any:
+            kwargs.pop(KEY)
+            return self.module(**kwargs)
+
+    model = Dropping(tiny_model(tiny_random_path, "sdpa"))
+    batch = {
+        "input_ids": torch.tensor([[11, 12, 13, 21, 22]]),
+        "labels": torch.tensor([[IGNORE_INDEX, 12, 13, IGNORE_INDEX, 22]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+        "sequence_ids": torch.tensor([[0, 0, 0, 1, 1]]),
+    }
+    with pytest.raises(RuntimeError, match="did not pass the forward keyword 'packed_segments'"):
+        counted_token_logps(model, batch, attention_kwargs(model, batch["position_ids"], batch["sequence_ids"]))

@@ -32,6 +32,7 @@ from alignment.training.chunked import (
     chunked_head_loss,
     eager_head_loss,
     final_hidden_states,
+    head_is_sharded,
     module_head_loss,
     output_head,
     project,
@@ -527,12 +528,6 @@ class DistillTrainer(StepNormalisedTrainer):
         assert self.train_dataset is not None
         return [len(ids) for ids in self.train_dataset["input_ids"]]
 
-    def _sharded(self) -> bool:
-        if self.is_fsdp_enabled:
-            return True
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
-
     def compute_loss(
         self,
         model: Any,
@@ -551,7 +546,7 @@ class DistillTrainer(StepNormalisedTrainer):
         teacher = self.teacher.outputs(inputs, counted, mode)
         module, head = output_head(model)
         objective = make_objective(self.method, labels, teacher, self.teacher.head)
-        if self._sharded():
+        if head_is_sharded(model):
             total, sums = module_head_loss(hidden, module, head, objective, self.vocab)
         elif self.method.chunked:
             total, sums = chunked_head_loss(

@@ -43,7 +43,7 @@ import logging
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -500,17 +500,17 @@ class GroupCollator:
 def _group_attention_kwargs(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Completions attend to their group's shared prompt and to themselves, causally; sequences to themselves.
 
-    sdpa attends segment by segment (:mod:`alignment.methods.gpo.attention`: each group, or each sequence, on its
+    sdpa attends segment by segment (:mod:`alignment.training.segments`: each group, or each sequence, on its
     own slice, so the cost is ``Σ L²`` over segments, not ``T²`` over the row); flash-attention gets varlen
     boundaries (plain sequences only); eager and other implementations a dense ``(T, T)`` mask.
     """
-    from alignment.methods.gpo.attention import segment_kwargs
+    from alignment.methods.gpo.attention import group_kwargs
     from alignment.training.packed import attention_implementation, attention_kwargs, mask_kwargs
 
     segments, groups = batch["segment_ids"][0], batch["group_ids"][0]
     implementation = attention_implementation(model)
     if implementation == "sdpa":
-        return segment_kwargs(segments, groups)
+        return group_kwargs(segments, groups)
     if not bool((segments < 0).any()):
         return attention_kwargs(model, batch["position_ids"], batch["segment_ids"])  # plain packed sequences
     if implementation == "flash_attention_2":
@@ -525,12 +525,9 @@ def token_logps(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> tu
 
     Only the positions that predict a completion token go through the LM head.
     """
-    from alignment.methods.gpo.attention import check_used
     from alignment.training.packed import counted_token_logps
 
-    attention = _group_attention_kwargs(model, batch)
-    logps, predicting = counted_token_logps(model, batch, attention)
-    check_used(attention, model)
+    logps, predicting = counted_token_logps(model, batch, _group_attention_kwargs(model, batch))
     return logps, batch["segment_ids"][0, 1:][predicting]
 
 
@@ -543,8 +540,8 @@ def completion_hidden_states(
     :func:`token_logps`'s order; the LM head is left to the caller (:func:`alignment.methods.gpo.trainer.policy_loss`
     applies it a chunk at a time).
     """
-    from alignment.methods.gpo.attention import check_used
     from alignment.training.chunked import final_hidden_states
+    from alignment.training.segments import check_used
 
     predicting = (batch["labels"][0, 1:] != IGNORE_INDEX).nonzero().flatten()
     attention = _group_attention_kwargs(model, batch)
@@ -595,6 +592,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> dict[str, float]:
     kind = resolve_kind(method.reference, cfg.model.lora.enabled) if method.kl_beta > 0 else None
     if method.share_prompt and cfg.model.attn_implementation is AttnImplementation.flash_attention_2:
         raise ValueError("method.share_prompt=true needs sdpa or eager attention; set method.share_prompt=false")
+    if method.share_prompt and cfg.model.attn_implementation is AttnImplementation.auto:
+        # auto would pick flash-attention on a GPU; shared prompts need the block masks sdpa attends group by group
+        cfg = replace(cfg, model=replace(cfg.model, attn_implementation=AttnImplementation.sdpa))
     checks = row_checks(method)
     splits = build_splits(cfg.data, checks.validate, checks.columns)
     tokenizer = load_tokenizer(cfg.model)

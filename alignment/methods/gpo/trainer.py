@@ -29,7 +29,7 @@ from alignment.methods.gpo.gpo import (
 )
 from alignment.models.config import ReferenceKind
 from alignment.models.frozen import FrozenModel, cached_outputs, fingerprint, load_frozen_copy
-from alignment.training.chunked import chunked_head_loss, output_head
+from alignment.training.chunked import chunked_head_loss, head_is_sharded, output_head
 from alignment.training.trainer import StepNormalisedTrainer
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ class GpoTrainer(StepNormalisedTrainer):
         # HF's prediction_step passes the counts too; evaluation is per batch and unscaled.
         training = model.training and isinstance(num_items_in_batch, GroupCounts)
         counts = num_items_in_batch if training else batch_counts(inputs)
-        total, sums = policy_loss(model, inputs, reference, self.loss_fn, counts, chunked=not self._head_sharded())
+        total, sums = policy_loss(model, inputs, reference, self.loss_fn, counts, chunked=not head_is_sharded(model))
         loss = self.scale_for_ranks(total, training=training)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
@@ -271,13 +271,6 @@ class GpoTrainer(StepNormalisedTrainer):
         for key, value in zip(STATS, sums.tolist(), strict=True):
             self._sums[mode][key] += value
         return (loss, {}) if return_outputs else loss
-
-    def _head_sharded(self) -> bool:
-        """ZeRO-3 or FSDP: the head's weight is a shard outside the module's forward."""
-        if self.is_fsdp_enabled:
-            return True
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     def logged_metrics(self, mode: str) -> dict[str, float]:
         """The GPO metrics gathered since the last log."""

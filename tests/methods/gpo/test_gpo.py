@@ -490,7 +490,7 @@ def test_policy_loss_equals_the_dense_row_loss_in_value_gradient_and_metrics(
 
 def test_a_model_that_drops_the_segment_keyword_is_refused(tiny_random_path: str, tokenizer: Any) -> None:
     """Without the keyword the row would be attended as one sequence: refused after the forward, never trained on."""
-    from alignment.methods.gpo.attention import KEY
+    from alignment.training.segments import KEY
 
     class Dropping(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
@@ -681,6 +681,30 @@ def test_config_rejects_bad_values_and_unworkable_settings_before_loading(
         cfg = to_run_config(compose(["model=tiny_random", "method=gpo", "data=demo_gpo", *overrides]))
         with pytest.raises(ValueError, match=message):
             gpo.run(cfg, RunContext(tmp_path, "bad", None))
+
+
+def test_auto_attention_with_a_shared_prompt_loads_sdpa_even_where_flash_attention_runs(
+    compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model.attn_implementation=auto`` would pick flash-attention on a GPU; shared prompts need sdpa's segments."""
+    import alignment.methods.gpo.trainer as gpo_trainer
+    import alignment.models.load as model_loading
+
+    monkeypatch.setattr(model_loading, "flash_attention_runs", lambda dtype: True)
+    seen: list[str] = []
+
+    def stop(cfg: Any, *args: Any) -> Any:
+        seen.append(model_loading.resolve_attention(cfg.model))
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(gpo_trainer, "build_trainer", stop)
+    for share in ("true", "false"):
+        overrides = ["model=tiny_random", "method=gpo", "data=demo_gpo", f"method.share_prompt={share}"]
+        cfg = to_run_config(compose(overrides))
+        assert cfg.model.attn_implementation.value == "auto"
+        with pytest.raises(RuntimeError, match="stop before training"):
+            gpo.run(cfg, RunContext(tmp_path, share, None))
+    assert seen == ["sdpa", "flash_attention_2"]
 
 
 def test_shipped_demo_groups_match_the_generator_and_their_rewards(tmp_path: Path) -> None:
