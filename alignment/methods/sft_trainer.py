@@ -89,8 +89,7 @@ def padding_free_attention(model: Any, inputs: dict[str, torch.Tensor]) -> dict[
     bounds = inputs.get("cu_seq_lens_q")
     if bounds is None or attention_implementation(model) != "sdpa" or inputs["input_ids"].size(0) != 1:
         return {}
-    edges = bounds.tolist()
-    layout = sequence_layout([(a, b) for a, b in itertools.pairwise(edges) if b > a])
+    layout = sequence_layout(list(itertools.pairwise(bounds.tolist())))
     return segment_kwargs(layout, inputs["input_ids"].device)
 
 

@@ -54,7 +54,8 @@ def attention_kwargs(model: Any, position_ids: torch.Tensor, sequence_ids: torch
         position_ids: ``(1, tokens)``, restarting at 0 for each sequence.
         sequence_ids: ``(1, tokens)``, the sequence each token belongs to.
     """
-    if attention_implementation(model) == "flash_attention_2":
+    implementation = attention_implementation(model)
+    if implementation == "flash_attention_2":
         starts = (position_ids[0] == 0).nonzero().flatten()
         cu_seq_lens = torch.cat([starts, starts.new_tensor([position_ids.size(1)])]).to(torch.int32)
         longest = int(cu_seq_lens.diff().max())
@@ -65,7 +66,7 @@ def attention_kwargs(model: Any, position_ids: torch.Tensor, sequence_ids: torch
             "max_length_k": longest,
         }
     seq = sequence_ids[0]
-    if attention_implementation(model) == "sdpa":
+    if implementation == "sdpa":
         return segment_kwargs(sequence_layout(spans_of(seq)), seq.device)
     return mask_kwargs(model, (seq[:, None] == seq[None, :]).tril()[None, None])
 
@@ -83,7 +84,7 @@ def counted_token_logps(
     targets = batch["labels"][0, 1:]
     predicting = (targets != IGNORE_INDEX).nonzero().flatten()
     hidden = final_hidden_states(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention)
-    check_used(dict(attention), model)
+    check_used(attention, model)
     return head_token_logps(model, hidden[0, predicting], targets[predicting]), predicting
 
 

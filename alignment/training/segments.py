@@ -17,7 +17,7 @@ model-specific (soft-capping…) and keeps the dense mask; flash-attention gets 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -101,7 +101,7 @@ def segment_kwargs(layout: SegmentLayout, device: torch.device) -> dict[str, Any
     return {"attention_mask": placeholder, KEY: layout}
 
 
-def check_used(kwargs: dict[str, Any], model: Any) -> None:
+def check_used(kwargs: Mapping[str, Any], model: Any) -> None:
     """Raise when a forward with :func:`segment_kwargs` never reached the wrapped attention (nothing else does)."""
     layout = kwargs.get(KEY)
     if layout is not None and layout.calls == 0:
